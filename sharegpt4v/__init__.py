@@ -1,0 +1,1 @@
+"""ShareGPT4V platform core: config, storage, data, synthetic world, and (later) captioning, training, evaluation."""

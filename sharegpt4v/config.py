@@ -1,0 +1,403 @@
+"""Typed recipe configuration: dataclasses, YAML profiles and `key.sub=value` overrides.
+
+A recipe is loaded as profile YAML (``sharegpt4v/profiles/<name>.yaml``, or a path) merged
+with command-line overrides, then validated once: an unknown key, a value of the wrong type
+or an impossible combination raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+# Strict about keys, lax about "256" vs 256 so that command-line strings convert.
+_STRICT_KEYS = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message names the offending key."""
+
+
+@dataclass(config=_STRICT_KEYS)
+class WorldConfig:
+    """The synthetic scene world: procedurally drawn scenes with known ground truth."""
+
+    image_size: int = 64
+    grid: Literal[3] = 3
+    min_objects: int = 1
+    max_objects: int = 6
+    # Share of each source; the paper mixes photos (COCO/SAM/LCS), text-rich images and art.
+    sources: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"photo": 0.5, "text": 0.25, "art": 0.25}
+    )
+    splits: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+    text_probability: float = 0.15  # chance that an object in a photo/art scene carries a word
+    samples_per_shard: int = 256
+    workers: int = 1  # processes that render in parallel; output is identical for any value
+
+    @model_validator(mode="after")
+    def _check(self) -> "WorldConfig":
+        if not 1 <= self.min_objects <= self.max_objects <= 6:
+            raise ValueError("max_objects: need 1 <= min_objects <= max_objects <= 6 (a 3x3 grid, one object per cell)")
+        if self.image_size < 16:
+            raise ValueError("image_size: must be at least 16 pixels")
+        unknown = set(self.sources) - {"photo", "text", "art"}
+        if unknown:
+            raise ValueError(f"sources: unknown source(s) {sorted(unknown)}; known: photo, text, art")
+        if not self.sources or any(w < 0 for w in self.sources.values()) or sum(self.sources.values()) <= 0:
+            raise ValueError("sources: weights must be non-negative with a positive sum")
+        if set(self.splits) - {"train", "val", "test"} or abs(sum(self.splits.values()) - 1.0) > 1e-6:
+            raise ValueError("splits: keys from train/val/test whose fractions sum to 1")
+        if self.samples_per_shard < 1 or self.workers < 1:
+            raise ValueError("samples_per_shard: must be >= 1 (and workers >= 1)")
+        return self
+
+
+@dataclass(config=_STRICT_KEYS)
+class IngestConfig:
+    """Limits that decide which input images become error records instead of samples."""
+
+    max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's own default)
+    min_side: int = 8
+    max_aspect_ratio: float = 20.0
+    samples_per_shard: int = 1000
+    jpeg_quality: int = 95  # used only when an image must be re-encoded (CMYK, EXIF rotation, ...)
+
+    @model_validator(mode="after")
+    def _check(self) -> "IngestConfig":
+        if self.max_pixels < 1 or self.min_side < 1 or self.samples_per_shard < 1:
+            raise ValueError("max_pixels: max_pixels, min_side and samples_per_shard must be >= 1")
+        if self.max_aspect_ratio < 1:
+            raise ValueError("max_aspect_ratio: must be >= 1")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("jpeg_quality: must be within 1..100")
+        return self
+
+
+@dataclass(config=_STRICT_KEYS)
+class VisionConfig:
+    """CLIP vision tower. `path` (folder or s3:// prefix) loads weights; otherwise built from these sizes."""
+
+    path: str | None = None
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 128
+    feature_layer: int = -2  # LLaVA-1.5 takes the second-to-last layer; the last never trains
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @model_validator(mode="after")
+    def _check(self) -> "VisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError("image_size: must be a multiple of patch_size")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size: must be divisible by num_heads")
+        if not -self.num_layers <= self.feature_layer < self.num_layers:
+            raise ValueError("feature_layer: outside the tower's layers")
+        return self
+
+
+@dataclass(config=_STRICT_KEYS)
+class LanguageConfig:
+    """The LLM. `path` loads a Llama/Vicuna checkpoint; otherwise a tiny Llama is built from these sizes."""
+
+    path: str | None = None
+    vocab_size: int = 2048  # tiny profile: the BPE tokenizer is trained to this size
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_length: int = 256
+
+    @model_validator(mode="after")
+    def _check(self) -> "LanguageConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size: must be divisible by num_heads")
+        if self.max_length < 8:
+            raise ValueError("max_length: must be at least 8 tokens")
+        return self
+
+
+@dataclass(config=_STRICT_KEYS)
+class ModelConfig:
+    """LLaVA-1.5: CLIP vision tower -> 2-layer MLP projector -> LLM."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    language: LanguageConfig = dataclasses.field(default_factory=LanguageConfig)
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    projector_path: str | None = None  # e.g. LLaVA-1.5's stage-1 projector weights
+    checkpoint: str | None = None  # a complete HF LLaVA checkpoint (llava-1.5-7b-hf layout)
+    image_tokens: int = 16  # visual tokens per image: (image_size / patch_size)^2, CLS dropped
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.image_tokens != self.vision.num_patches:
+            raise ValueError(
+                f"image_tokens: {self.image_tokens} != (vision.image_size / vision.patch_size)^2 = "
+                f"{self.vision.num_patches}"
+            )
+        if self.image_tokens >= self.language.max_length:
+            raise ValueError("image_tokens: must be smaller than language.max_length")
+        return self
+
+
+@dataclass(config=_STRICT_KEYS)
+class ComputeConfig:
+    """Where a stage runs. The global batch is fixed by the stage; accumulation adapts to this."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    num_nodes: int = 1
+    gpus_per_node: int = 1  # processes per node (CPU processes for the tiny profile)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @model_validator(mode="after")
+    def _check(self) -> "ComputeConfig":
+        if self.num_nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError("gpus_per_node: num_nodes and gpus_per_node must be >= 1")
+        if self.device == "cpu" and self.precision == "fp16":
+            raise ValueError("precision: fp16 needs a GPU; use fp32 or bf16 on cpu")
+        return self
+
+
+@dataclass(config=_STRICT_KEYS)
+class StageConfig:
+    """One training stage (captioner, pretrain or sft)."""
+
+    template: Literal["plain", "vicuna_v1"] = "plain"
+    image_aspect: Literal["crop", "pad"] = "crop"  # pretraining crops, SFT pads to a square
+    global_batch_size: int = 32
+    micro_batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int | None = None  # caps the epoch-derived step count (tiny runs)
+    train_llm: bool = True
+    train_projector: bool = True
+    vit_unfreeze_from: int | None = None  # first trainable ViT layer; None keeps the ViT frozen
+    gradient_checkpointing: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    max_grad_norm: float = 1.0
+    save_every_steps: int = 0  # 0: only at the end
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageConfig":
+        if self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("global_batch_size: batch sizes must be >= 1")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError("learning_rate: must be within (0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio: must be within [0, 1)")
+        if self.epochs <= 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("epochs: must be > 0 (and max_steps >= 1 when set)")
+        if self.vit_unfreeze_from is not None and self.vit_unfreeze_from < 0:
+            raise ValueError("vit_unfreeze_from: must be a layer index >= 0, or null for a frozen ViT")
+        if not (self.train_llm or self.train_projector or self.vit_unfreeze_from is not None):
+            raise ValueError("train_llm: nothing would train (LLM, projector and ViT all frozen)")
+        return self
+
+
+@dataclass(config=_STRICT_KEYS)
+class CaptioningConfig:
+    """Generation settings for the captioner (and the teacher's answer length)."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 160
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    backend: Literal["transformers", "vllm"] = "transformers"
+
+    @model_validator(mode="after")
+    def _check(self) -> "CaptioningConfig":
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.num_beams < 1:
+            raise ValueError("batch_size: batch_size, max_new_tokens and num_beams must be >= 1")
+        if self.temperature <= 0 or self.repetition_penalty <= 0:
+            raise ValueError("temperature: temperature and repetition_penalty must be > 0")
+        return self
+
+
+def _default_stage(**kw: Any) -> Any:
+    return dataclasses.field(default_factory=lambda: StageConfig(**kw))
+
+
+@dataclass(config=_STRICT_KEYS)
+class RecipeConfig:
+    """The whole recipe: data, model, compute and one section per stage."""
+
+    profile: str = "custom"
+    seed: int = 0
+    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    captioner: StageConfig = _default_stage(template="vicuna_v1", image_aspect="pad")
+    pretrain: StageConfig = _default_stage(template="plain", image_aspect="crop", vit_unfreeze_from=0)
+    sft: StageConfig = _default_stage(template="vicuna_v1", image_aspect="pad")
+    captioning: CaptioningConfig = dataclasses.field(default_factory=CaptioningConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecipeConfig":
+        for name in ("captioner", "pretrain", "sft"):
+            stage: StageConfig = getattr(self, name)
+            per_step = stage.micro_batch_size * self.compute.world_size
+            if stage.global_batch_size % per_step:
+                raise ValueError(
+                    f"{name}.global_batch_size: {stage.global_batch_size} is not divisible by "
+                    f"{name}.micro_batch_size x compute.num_nodes x compute.gpus_per_node = "
+                    f"{stage.micro_batch_size} x {self.compute.num_nodes} x {self.compute.gpus_per_node} = {per_step}"
+                )
+            layers = self.model.vision.num_layers
+            if stage.vit_unfreeze_from is not None and stage.vit_unfreeze_from >= layers - 1:
+                raise ValueError(
+                    f"{name}.vit_unfreeze_from: {stage.vit_unfreeze_from} leaves no trainable ViT layer "
+                    f"(the tower has {layers}; the last one never gets a gradient)"
+                )
+        return self
+
+    def gradient_accumulation_steps(self, stage: str) -> int:
+        s: StageConfig = getattr(self, stage)
+        return s.global_batch_size // (s.micro_batch_size * self.compute.world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"pretrain.learning_rate": 2e-5, ...}`: MLflow params, diffs between runs."""
+        return flatten(self.to_dict())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`pretrain.learning_rate=2e-5` -> (["pretrain", "learning_rate"], 2e-5)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config key '{key}': cannot parse value {raw!r} ({exc.problem})") from None
+    return parts, value
+
+
+def load_recipe(profile: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Load a profile by name (or YAML path), apply overrides, validate everything."""
+    path = Path(profile) if profile.endswith((".yaml", ".yml")) else PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"profile {profile!r} not found (known: {', '.join(available_profiles())})")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {profile!r}: top level must be a mapping")
+    data.setdefault("profile", path.stem)
+    for item in overrides:
+        parts, value = parse_override(item)
+        _set_path(data, parts, value)
+    return recipe_from_dict(data)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> RecipeConfig:
+    try:
+        return RecipeConfig(**copy.deepcopy(data))
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+    except TypeError as exc:  # e.g. a section given as a scalar
+        raise ConfigError(f"config: {exc}") from None
+
+
+def _set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}': is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if p != "__root__"]
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden" or err["type"] == "unexpected_keyword_argument":
+            lines.append(f"config key '{key}': unknown key{_suggest(loc)}")
+        elif err["type"] == "value_error":
+            # Our validators start their message with the field name relative to the section.
+            message = str(err["msg"]).removeprefix("Value error, ")
+            field, _, rest = message.partition(": ")
+            if " " in field:  # message did not start with a field name
+                lines.append(f"config key '{key or '<root>'}': {message}")
+            else:
+                full = f"{key}.{field}" if key else field
+                lines.append(f"config key '{full}': {rest}")
+        else:
+            got = err.get("input")
+            lines.append(f"config key '{key}': {err['msg']} (got {got!r})")
+    return "; ".join(lines)
+
+
+def _suggest(loc: list[str]) -> str:
+    cls: Any = RecipeConfig
+    for part in loc[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return ""
+        cls = _field_class(cls, part)
+        if cls is None:
+            return ""
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(loc[-1], names, n=1)
+    prefix = ".".join(loc[:-1])
+    return f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+
+
+def _field_class(cls: Any, name: str) -> Any:
+    default = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if default.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = default.default_factory()  # type: ignore[misc]
+        return type(value) if dataclasses.is_dataclass(value) else None
+    return None

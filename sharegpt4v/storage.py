@@ -1,0 +1,558 @@
+"""One small object-store API over `s3://bucket/prefix` (any S3 endpoint) and local folders.
+
+- Keys are relative to the store's root and use `/`; `..` segments and absolute keys are refused.
+- Writes are atomic: an object becomes visible only when complete (local: temp file + rename;
+  S3: a single PUT or a completed multipart upload). A folder is complete when its manifest
+  (file list + sha256), written last, exists: see :meth:`Store.commit_folder`.
+- S3 endpoint and keys come from the environment (a Kubernetes Secret in cluster):
+  `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` / `S3_ENDPOINT_URL` / `MLFLOW_S3_ENDPOINT_URL`,
+  `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`.
+- Transient errors (connection resets, 5xx, throttling) are retried with exponential backoff and
+  jitter by botocore's "standard" retry mode; a streaming read that breaks mid-way resumes with a
+  ranged GET from the byte it reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+MANIFEST_NAME = "manifest.json"
+_PARTIAL_MARK = ".partial-"
+_CHUNK = 1 << 20
+
+
+class StoreError(RuntimeError):
+    """An object-store operation failed; the message is one line a user can act on."""
+
+
+class ObjectNotFound(StoreError):
+    pass
+
+
+class BucketNotFound(StoreError):
+    pass
+
+
+class CredentialsError(StoreError):
+    pass
+
+
+class IncompleteFolder(StoreError):
+    """The folder has no manifest yet: it is being written, or its writer died."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file in a folder manifest."""
+
+    path: str  # relative to the folder
+    bytes: int
+    sha256: str
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path segments with `/` (no normalisation of the base)."""
+    out = base.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}" if out else part
+    return out
+
+
+def resolve(base_folder: str, ref: str) -> str:
+    """Resolve a reference found in a manifest: absolute URIs stay, relative ones join the folder."""
+    if "://" in ref or ref.startswith("/"):
+        return ref
+    return join(base_folder, ref)
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store's root."""
+    if key.startswith("/") or "\\" in key:
+        raise ValueError(f"unsafe key {key!r}: must be relative and use '/'")
+    parts = key.split("/")
+    if any(p in ("..", ".") for p in parts):
+        raise ValueError(f"unsafe key {key!r}: '.' and '..' segments are not allowed")
+    return "/".join(p for p in parts if p)
+
+
+def sha256_stream(stream: IO[bytes]) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := stream.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def open_store(uri: str) -> "Store":
+    """A store rooted at `uri`: `s3://bucket[/prefix]`, `file:///path` or a plain path."""
+    if is_s3(uri):
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise StoreError(f"{uri}: no bucket in S3 URI")
+        return S3Store(bucket, prefix.strip("/"))
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" in uri:
+        raise StoreError(f"{uri}: unsupported scheme (use s3://bucket/prefix or a local path)")
+    return LocalStore(Path(uri))
+
+
+def split(uri: str) -> tuple["Store", str]:
+    """`s3://b/x/y.json` -> (store at s3://b/x, "y.json"); same for local paths."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if is_s3(uri) and parent == "s3:/":  # s3://bucket with no key
+        raise StoreError(f"{uri}: names a bucket, not an object")
+    return open_store(parent or "."), name
+
+
+class Store:
+    """Common behaviour; subclasses implement the primitive operations."""
+
+    uri: str
+
+    # primitives -----------------------------------------------------------------------
+    def put_file(self, key: str, local_path: str | Path) -> None:
+        raise NotImplementedError
+
+    def open(self, key: str) -> BinaryIO:
+        """A streaming binary reader; memory use does not grow with the object's size."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def size(self, key: str) -> int:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Complete objects under `prefix`, in key order."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    # derived --------------------------------------------------------------------------
+    def url(self, key: str = "") -> str:
+        return join(self.uri, check_key(key))
+
+    def child(self, prefix: str) -> "Store":
+        return open_store(self.url(prefix))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self.writer(key) as out:
+            out.write(data)
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open(key) as stream:
+            return stream.read()
+
+    def get_file(self, key: str, local_path: str | Path) -> None:
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local_path.with_name(f".{local_path.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with self.open(key) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put_bytes(key, json_bytes(obj))
+
+    def get_json(self, key: str) -> Any:
+        try:
+            return json.loads(self.get_bytes(key))
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{self.url(key)}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        """Write through a local temp file; the object appears only if the block succeeds."""
+        check_key(key)
+        fd, tmp = tempfile.mkstemp(prefix="sharegpt4v-upload-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                yield out  # type: ignore[misc]
+            self.put_file(key, tmp)
+        finally:
+            os.unlink(tmp)
+
+    def delete_prefix(self, prefix: str) -> int:
+        count = 0
+        for info in list(self.list(prefix)):
+            self.delete(info.key)
+            count += 1
+        return count
+
+    def sha256(self, key: str) -> tuple[str, int]:
+        with self.open(key) as stream:
+            return sha256_stream(stream)
+
+    # folders --------------------------------------------------------------------------
+    def commit_folder(self, prefix: str, files: list[FileEntry] | None = None, **meta: Any) -> dict[str, Any]:
+        """Mark `prefix` complete by writing its manifest last.
+
+        `files` lists what the folder holds (hashes computed while writing); when omitted,
+        every object under the prefix is listed and hashed now.
+        """
+        if files is None:
+            files = []
+            for info in self.list(prefix):
+                rel = info.key[len(prefix) :].lstrip("/") if prefix else info.key
+                if rel == MANIFEST_NAME:
+                    continue
+                digest, size = self.sha256(info.key)
+                files.append(FileEntry(rel, size, digest))
+        manifest = {**meta, "files": [vars(f) for f in files]}
+        self.put_json(join(prefix, MANIFEST_NAME), manifest)
+        return manifest
+
+    def read_manifest(self, prefix: str = "") -> dict[str, Any]:
+        key = join(prefix, MANIFEST_NAME)
+        try:
+            return self.get_json(key)
+        except ObjectNotFound:
+            raise IncompleteFolder(
+                f"{self.url(prefix) or '.'}: no {MANIFEST_NAME}; the folder is incomplete or not a dataset"
+            ) from None
+
+    def is_complete(self, prefix: str = "") -> bool:
+        return self.exists(join(prefix, MANIFEST_NAME))
+
+    def verify_folder(self, prefix: str = "") -> list[str]:
+        """Re-hash every file listed in the manifest; returns a list of problems (empty = intact)."""
+        problems = []
+        for entry in self.read_manifest(prefix).get("files", []):
+            key = join(prefix, entry["path"])
+            try:
+                digest, size = self.sha256(key)
+            except ObjectNotFound:
+                problems.append(f"{entry['path']}: missing")
+                continue
+            if (digest, size) != (entry["sha256"], entry["bytes"]):
+                problems.append(f"{entry['path']}: sha256/size mismatch")
+        return problems
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Canonical JSON (sorted keys, fixed separators): equal content gives equal bytes."""
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+# local folders ----------------------------------------------------------------------------
+
+
+class LocalStore(Store):
+    def __init__(self, root: Path):
+        self.root = root
+        self.uri = str(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key) if key else self.root
+
+    def put_file(self, key: str, local_path: str | Path) -> None:
+        dest = self._path(key)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{dest.parent}: cannot create folder ({exc.strerror})") from None
+        tmp = dest.with_name(f".{dest.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, dest)  # atomic on one filesystem
+        except OSError as exc:
+            raise StoreError(f"{dest}: cannot write ({exc.strerror})") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        dest = self._path(key)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{dest.parent}: cannot create folder ({exc.strerror})") from None
+        tmp = dest.with_name(f".{dest.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as out:
+                yield out
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def open(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise ObjectNotFound(f"{path}: is a folder, not a file") from None
+        except PermissionError:
+            raise StoreError(f"{path}: permission denied") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self._path(key)}: no such file") from None
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self._path(prefix)
+        if base.is_file():
+            yield ObjectInfo(check_key(prefix), base.stat().st_size)
+            return
+        if not base.is_dir():
+            if not self.root.exists():
+                raise ObjectNotFound(f"{self.root}: no such folder")
+            return
+        if not os.access(base, os.R_OK | os.X_OK):
+            raise StoreError(f"{base}: permission denied")
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if _PARTIAL_MARK in name and name.startswith("."):
+                    continue  # an unfinished write
+                path = Path(dirpath) / name
+                yield ObjectInfo(path.relative_to(self.root).as_posix(), path.stat().st_size)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+# S3 ------------------------------------------------------------------------------------
+
+_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+_clients: dict[tuple[Any, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_endpoint() -> str | None:
+    for name in _ENDPOINT_VARS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def s3_client() -> Any:
+    """A cached boto3 client for the endpoint and keys currently in the environment."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = s3_endpoint()
+    key_id = os.environ.get("AWS_ACCESS_KEY_ID")
+    cache_key = (endpoint, key_id, os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
+    with _clients_lock:
+        client = _clients.get(cache_key)
+        if client is None:
+            config = Config(
+                retries={"mode": "standard", "max_attempts": int(os.environ.get("SHAREGPT4V_S3_MAX_ATTEMPTS", "6"))},
+                connect_timeout=float(os.environ.get("SHAREGPT4V_S3_CONNECT_TIMEOUT", "10")),
+                read_timeout=float(os.environ.get("SHAREGPT4V_S3_READ_TIMEOUT", "60")),
+                s3={"addressing_style": "path"},  # MinIO / SeaweedFS
+                max_pool_connections=32,
+            )
+            client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                config=config,
+            )
+            _clients[cache_key] = client
+    return client
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = ""):
+        self.bucket = bucket
+        self.prefix = prefix
+        self.uri = join(f"s3://{bucket}", prefix)
+        self._bucket_checked = False
+
+    @property
+    def client(self) -> Any:
+        return s3_client()
+
+    def _key(self, key: str) -> str:
+        return join(self.prefix, check_key(key))
+
+    def _translate(self, exc: Exception, key: str | None = None) -> StoreError:
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        where = self.url(key) if key is not None else self.uri
+        endpoint = s3_endpoint() or "the default AWS endpoint"
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return CredentialsError(
+                f"{where}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(from a Kubernetes Secret in cluster)"
+            )
+        if isinstance(exc, EndpointConnectionError):
+            return StoreError(f"{where}: cannot reach S3 endpoint {endpoint}")
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchBucket",):
+                return BucketNotFound(f"{where}: bucket '{self.bucket}' does not exist at {endpoint}")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                return ObjectNotFound(f"{where}: no such object")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or status == 403:
+                return CredentialsError(
+                    f"{where}: S3 refused the request ({code or status}); check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY and the bucket policy"
+                )
+            return StoreError(f"{where}: S3 error {code or status}")
+        return StoreError(f"{where}: {type(exc).__name__}: {exc}")
+
+    def _call(self, fn: Any, key: str | None = None, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except Exception as exc:  # translated into one actionable line
+            err = self._translate(exc, key)
+            if type(err) is ObjectNotFound:
+                self._check_bucket()
+            raise err from None
+
+    def _check_bucket(self) -> None:
+        """A 404 may mean the bucket is missing: say so instead of 'no such object'."""
+        if self._bucket_checked:
+            return
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            err = self._translate(exc)
+            if type(err) is ObjectNotFound:
+                err = BucketNotFound(f"{self.uri}: bucket '{self.bucket}' does not exist at {s3_endpoint()}")
+            raise err from None
+        self._bucket_checked = True
+
+    def put_file(self, key: str, local_path: str | Path) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        # Multipart above 64 MB: an interrupted multipart upload never becomes visible.
+        config = TransferConfig(multipart_threshold=64 * _CHUNK, multipart_chunksize=64 * _CHUNK)
+        self._call(
+            self.client.upload_file, key, Filename=str(local_path), Bucket=self.bucket, Key=self._key(key), Config=config
+        )
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(self.client.put_object, key, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def open(self, key: str) -> BinaryIO:
+        return io.BufferedReader(_S3ReadStream(self, key), buffer_size=_CHUNK)  # type: ignore[arg-type]
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(self.client.head_object, key, Bucket=self.bucket, Key=self._key(key))
+            return True
+        except BucketNotFound:
+            raise
+        except ObjectNotFound:
+            return False
+
+    def size(self, key: str) -> int:
+        head = self._call(self.client.head_object, key, Bucket=self.bucket, Key=self._key(key))
+        return int(head["ContentLength"])
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full = self._key(prefix)
+        # "a/b" should list "a/b/..." (a folder), and "a/b" itself if it is an object.
+        search = full + "/" if full and not full.endswith("/") else full
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        if prefix and self.exists(prefix):
+            yield ObjectInfo(full[strip:], self.size(prefix))
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=search):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]))
+        except Exception as exc:
+            raise self._translate(exc, prefix) from None
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete_object, key, Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = [self._key(info.key) for info in self.list(prefix)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self._call(self.client.delete_objects, prefix, Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+
+class _S3ReadStream(io.RawIOBase):
+    """A GET body that survives broken connections: it reopens at the current offset."""
+
+    def __init__(self, store: S3Store, key: str, max_resumes: int = 5):
+        self.store, self.key, self.max_resumes = store, key, max_resumes
+        self.pos = 0
+        self.body = self._open()
+
+    def _open(self) -> Any:
+        extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        response = self.store._call(
+            self.store.client.get_object, self.key, Bucket=self.store.bucket, Key=self.store._key(self.key), **extra
+        )
+        return response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+        from urllib3.exceptions import ProtocolError
+
+        for attempt in range(self.max_resumes + 1):
+            try:
+                data = self.body.read(len(buffer))
+                break
+            except (ResponseStreamingError, ReadTimeoutError, BotoConnectionError, ProtocolError, OSError):
+                if attempt == self.max_resumes:
+                    raise StoreError(f"{self.store.url(self.key)}: read kept failing at byte {self.pos}") from None
+                time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+                self.body = self._open()
+        n = len(data)
+        buffer[:n] = data
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.body.close()
+        super().close()
