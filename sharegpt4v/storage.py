@@ -339,13 +339,22 @@ class LocalStore(Store):
             return
         if not os.access(base, os.R_OK | os.X_OK):
             raise StoreError(f"{base}: permission denied")
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if _PARTIAL_MARK in name and name.startswith("."):
-                    continue  # an unfinished write
-                path = Path(dirpath) / name
-                yield ObjectInfo(path.relative_to(self.root).as_posix(), path.stat().st_size)
+        yield from self._walk(base)
+
+    def _walk(self, folder: Path) -> Iterator[ObjectInfo]:
+        """Depth-first in S3 key order ("a/b" sorts after "a.txt"), streaming."""
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            raise StoreError(f"{folder}: cannot list ({exc.strerror})") from None
+        entries.sort(key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(Path(entry.path))
+            elif entry.name.startswith(".") and _PARTIAL_MARK in entry.name:
+                continue  # an unfinished write
+            elif entry.is_file():
+                yield ObjectInfo(Path(entry.path).relative_to(self.root).as_posix(), entry.stat().st_size)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -372,12 +381,19 @@ def s3_client() -> Any:
 
     endpoint = s3_endpoint()
     key_id = os.environ.get("AWS_ACCESS_KEY_ID")
-    cache_key = (endpoint, key_id, os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
+    tuning = ("SHAREGPT4V_S3_MAX_ATTEMPTS", "SHAREGPT4V_S3_CONNECT_TIMEOUT", "SHAREGPT4V_S3_READ_TIMEOUT")
+    cache_key = (
+        endpoint,
+        key_id,
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        os.environ.get("AWS_SESSION_TOKEN"),
+        *(os.environ.get(name) for name in tuning),
+    )
     with _clients_lock:
         client = _clients.get(cache_key)
         if client is None:
             config = Config(
-                retries={"mode": "standard", "max_attempts": int(os.environ.get("SHAREGPT4V_S3_MAX_ATTEMPTS", "6"))},
+                retries={"mode": "standard", "total_max_attempts": int(os.environ.get("SHAREGPT4V_S3_MAX_ATTEMPTS", "6"))},
                 connect_timeout=float(os.environ.get("SHAREGPT4V_S3_CONNECT_TIMEOUT", "10")),
                 read_timeout=float(os.environ.get("SHAREGPT4V_S3_READ_TIMEOUT", "60")),
                 s3={"addressing_style": "path"},  # MinIO / SeaweedFS
@@ -535,14 +551,21 @@ class _S3ReadStream(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
         from urllib3.exceptions import ProtocolError
 
         for attempt in range(self.max_resumes + 1):
             try:
                 data = self.body.read(len(buffer))
                 break
-            except (ResponseStreamingError, ReadTimeoutError, BotoConnectionError, ProtocolError, OSError):
+            except (
+                IncompleteReadError,
+                ResponseStreamingError,
+                ReadTimeoutError,
+                BotoConnectionError,
+                ProtocolError,
+                OSError,
+            ):
                 if attempt == self.max_resumes:
                     raise StoreError(f"{self.store.url(self.key)}: read kept failing at byte {self.pos}") from None
                 time.sleep(min(8.0, 0.2 * 2**attempt) * (0.5 + random.random()))

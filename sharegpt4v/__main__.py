@@ -1,0 +1,5 @@
+import sys
+
+from sharegpt4v.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data contracts: image validation, WebDataset shards, ingestion, inspection."""
