@@ -331,6 +331,8 @@ def load_recipe(profile: str = "tiny", overrides: list[str] | tuple[str, ...] = 
     if not isinstance(data, dict):
         raise ConfigError(f"profile {profile!r}: top level must be a mapping")
     data.setdefault("profile", path.stem)
+    # Start from the defaults so that a partial mapping (world.sources.art=0) merges into them.
+    data = _merge(RecipeConfig().to_dict(), data)
     for item in overrides:
         parts, value = parse_override(item)
         _set_path(data, parts, value)
@@ -344,6 +346,13 @@ def recipe_from_dict(data: dict[str, Any]) -> RecipeConfig:
         raise ConfigError(_explain(exc)) from None
     except TypeError as exc:  # e.g. a section given as a scalar
         raise ConfigError(f"config: {exc}") from None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:

@@ -96,7 +96,11 @@ def ingest(
     if out_store.is_complete():
         if not overwrite:
             raise IngestError(f"{out}: a dataset already exists there (pass --overwrite to replace it)")
+        old = out_store.read_manifest()
         out_store.delete(storage.MANIFEST_NAME)  # the old dataset stops being complete first
+        for entry in old.get("files", []):
+            out_store.delete(entry["path"])
+        out_store.delete("text_only.jsonl")
     kind = detect_kind(source) if kind == "auto" else kind
     if kind == "folder":
         candidates = _from_folder(source, source_name)

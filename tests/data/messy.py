@@ -127,3 +127,36 @@ def make_llava_json(root: Path) -> dict[str, str]:
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+
+
+def make_img2dataset_shards(root: Path) -> dict[str, str]:
+    """Two img2dataset-style shards (`{key}.jpg`, `.json`, `.txt`), with bad members; returns {id: expected}."""
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    good = good_files()
+    bad = bad_files()
+    members = [
+        ("000000000", "jpg", good["photos/rgb.jpg"], "ok"),
+        ("000000001", "png", good["photos/cmyk.jpg"], "ok"),  # wrong extension, still an image
+        ("000000002", "jpg", bad["photos/truncated.jpg"][0], "error:corrupt"),
+        ("000000003", "jpg", bad["photos/html.jpg"][0], "error:not_an_image"),
+        ("000000004", "jpg", good["photos/rgb.jpg"], "duplicate"),
+        ("../000000005", "jpg", good["art/palette.png"], "error:unsafe_path"),
+        ("000000006", None, b"", "error:missing_image"),
+    ]
+    expected = {}
+    for shard_index, chunk in enumerate((members[:4], members[4:])):
+        with tarfile.open(root / f"{shard_index:05d}.tar", "w") as tar:
+            for key, ext, data, status in chunk:
+                files = {"json": json.dumps({"key": key.split("/")[-1], "url": f"http://example.com/{key}", "caption": f"alt {key}"}).encode(),
+                         "txt": f"alt {key}".encode()}
+                if ext:
+                    files[ext] = data
+                for suffix, payload in files.items():
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                expected[key.split("/")[-1]] = status
+    (root / "00000_stats.json").write_text("{}")  # img2dataset writes these too
+    return expected
