@@ -47,7 +47,7 @@ def cmd_world_generate(args: argparse.Namespace) -> int:
     world = recipe.world
     if args.workers:
         world.workers = args.workers
-    result = generate_world(args.out, images=args.images, seed=args.seed, cfg=world)
+    result = generate_world(args.out, images=args.images, seed=args.seed, cfg=world, overwrite=args.overwrite)
     counts = result["counts"]
     print(
         f"world: {counts['ok']} images in {len(result['shards'])} shards "
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="parallel processes (default: world.workers)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset that already exists at --out")
     _recipe_args(p)
 
     data = sub.add_parser("data", help="image shards").add_subparsers(dest="action", required=True)

@@ -10,6 +10,7 @@ helper process outlives it. Used by the demo, the CLI (`sharegpt4v services up`)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -124,8 +125,8 @@ def start_s3(
     """Start `weed mini` on free loopback ports with its data in `workdir`."""
     workdir = Path(workdir)
     (workdir / "data").mkdir(parents=True, exist_ok=True)
-    access_key = access_key or "local-" + secrets.token_hex(4)
-    secret_key = secret_key or secrets.token_hex(16)
+    if access_key is None or secret_key is None:
+        access_key, secret_key = _local_credentials(workdir)
     for bucket in buckets:
         if not 3 <= len(bucket) <= 63 or not bucket.replace("-", "").isalnum() or bucket != bucket.lower():
             raise ServiceError(f"bucket {bucket!r}: S3 names are 3-63 lowercase letters, digits and '-'")
@@ -171,6 +172,18 @@ def start_s3(
     return server
 
 
+def _local_credentials(workdir: Path) -> tuple[str, str]:
+    """Random keys for this local server, kept beside its data so a restart can read it again."""
+    path = workdir / "credentials.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return saved["access_key"], saved["secret_key"]
+    keys = {"access_key": "local-" + secrets.token_hex(4), "secret_key": secrets.token_hex(16)}
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(keys))
+    return keys["access_key"], keys["secret_key"]
+
+
 def _wait_buckets(server: LocalS3, timeout: float) -> None:
     """`weed mini` answers before its buckets exist; wait until each one lists."""
     import boto3
@@ -204,7 +217,10 @@ class LocalMLflow:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri}
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri}
+        if self.process is None:  # no server: artifacts go beside the sqlite file, not to ./mlruns
+            env["SHAREGPT4V_MLFLOW_ARTIFACT_ROOT"] = (self.workdir / "artifacts").as_uri()
+        return env
 
     def stop(self) -> None:
         if self.process is not None:

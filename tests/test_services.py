@@ -80,3 +80,21 @@ def test_mlflow_server_stores_artifacts_in_s3(tmp_path, s3_server, s3_env, monke
         service.stop()
         mlflow.set_tracking_uri("")
     assert service.process.poll() is not None
+
+
+def test_restarted_s3_keeps_data_and_credentials(tmp_path, monkeypatch) -> None:
+    first = services.start_s3(tmp_path / "s3", buckets=("keep",))
+    for key, value in first.env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        storage.open_store("s3://keep").put_bytes("object.txt", b"still here")
+    finally:
+        first.stop()
+    second = services.start_s3(tmp_path / "s3", buckets=("keep",))
+    try:
+        assert second.access_key == first.access_key
+        for key, value in second.env.items():
+            monkeypatch.setenv(key, value)
+        assert storage.open_store("s3://keep").get_bytes("object.txt") == b"still here"
+    finally:
+        second.stop()

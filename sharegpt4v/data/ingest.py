@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sharegpt4v import storage
 from sharegpt4v.config import IngestConfig
 from sharegpt4v.data.images import IMAGE_EXTENSIONS, BadImage, normalize_image
-from sharegpt4v.data.shards import ShardWriter, iter_shard, write_manifest
+from sharegpt4v.data.shards import ShardWriter, iter_shard, prepare_output, put_jsonl, write_manifest
 
 KINDS = ("auto", "folder", "wds", "json")
 
@@ -93,14 +93,7 @@ def ingest(
     if kind not in KINDS:
         raise IngestError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}")
     out_store = storage.open_store(out)
-    if out_store.is_complete():
-        if not overwrite:
-            raise IngestError(f"{out}: a dataset already exists there (pass --overwrite to replace it)")
-        old = out_store.read_manifest()
-        out_store.delete(storage.MANIFEST_NAME)  # the old dataset stops being complete first
-        for entry in old.get("files", []):
-            out_store.delete(entry["path"])
-        out_store.delete("text_only.jsonl")
+    prepare_output(out_store, overwrite)
     kind = detect_kind(source) if kind == "auto" else kind
     if kind == "folder":
         candidates = _from_folder(source, source_name)
@@ -158,13 +151,13 @@ def ingest(
         summary.reasons[reason] += 1
         bar.set_postfix(ok=summary.ok, error=summary.error, dup=summary.duplicate, refresh=False)
     shards = writer.finish()
-    if text_only:
-        out_store.put_bytes("text_only.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in text_only))
+    extra_files = [put_jsonl(out_store, "text_only.jsonl", text_only)] if text_only else []
     summary.skipped = getattr(candidates, "skipped", 0)
     write_manifest(
         out_store,
         shards,
         rejected,
+        extra_files=extra_files,
         input={"uri": source, "kind": kind},
         skipped=summary.skipped,
         text_only=summary.text_only,

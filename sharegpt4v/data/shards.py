@@ -110,18 +110,32 @@ class ShardWriter:
         self._count = 0
 
 
+def prepare_output(store: Store, overwrite: bool) -> None:
+    """Refuse to replace a complete dataset unless asked; when asked, retire it first.
+
+    The old manifest goes first (readers see "incomplete", never a mix), then its files.
+    """
+    if not store.is_complete():
+        return
+    if not overwrite:
+        raise storage.StoreError(f"{store.uri}: a dataset already exists there (pass --overwrite to replace it)")
+    old = store.read_manifest()
+    store.delete(storage.MANIFEST_NAME)
+    for entry in old.get("files", []):
+        store.delete(entry["path"])
+
+
 def write_manifest(
     store: Store,
     shards: list[ShardInfo],
     rejected: Iterable[dict[str, Any]] = (),
+    extra_files: Iterable[FileEntry] = (),
     **meta: Any,
 ) -> dict[str, Any]:
     """Write `rejected.jsonl` then the manifest (last): the dataset becomes complete."""
-    files = [FileEntry(s.uri, s.bytes, s.sha256) for s in shards]
     rejected = list(rejected)
-    body = b"".join(json.dumps(r, sort_keys=True, ensure_ascii=False).encode() + b"\n" for r in rejected)
-    store.put_bytes(REJECTED_NAME, body)
-    files.append(FileEntry(REJECTED_NAME, len(body), hashlib.sha256(body).hexdigest()))
+    files = [FileEntry(s.uri, s.bytes, s.sha256) for s in shards]
+    files += [put_jsonl(store, REJECTED_NAME, rejected), *extra_files]
     counts = {"ok": sum(s.samples for s in shards), "error": 0, "duplicate": 0}
     for record in rejected:
         counts[record["status"]] = counts.get(record["status"], 0) + 1
@@ -139,6 +153,12 @@ def write_manifest(
         rejected=REJECTED_NAME,
         **meta,
     )
+
+
+def put_jsonl(store: Store, key: str, records: Iterable[dict[str, Any]]) -> FileEntry:
+    body = b"".join(json.dumps(r, sort_keys=True, ensure_ascii=False).encode() + b"\n" for r in records)
+    store.put_bytes(key, body)
+    return FileEntry(key, len(body), hashlib.sha256(body).hexdigest())
 
 
 @dataclass

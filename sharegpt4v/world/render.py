@@ -18,7 +18,7 @@ from sharegpt4v.world.scene import Scene, WorldObject
 from sharegpt4v.world.vocab import BACKGROUND_RGB, COLOUR_RGB
 
 SUPERSAMPLE = 2
-PNG_COMPRESS_LEVEL = 6
+PNG_COMPRESS_LEVEL = 3  # measured: faster and smaller than 6 on these images
 # Half-extent of a shape as a fraction of its cell: large ones fill most of it, small ~half.
 _EXTENT = {"large": 0.44, "small": 0.25}
 # Objects carrying a word move up and shrink so the label fits in the bottom of the cell.
@@ -42,7 +42,7 @@ def render_scene(scene: Scene, size: int, seed: int) -> Image.Image:
     elif scene.style == "watercolor":
         colour = colour * 0.8 + 255 * 0.2  # diluted pigment
     elif scene.style == "pop art":
-        colour = np.where(colour > 0, (colour - 128) * 1.15 + 128, colour)  # extra saturation
+        colour = (colour - 128) * 1.15 + 128  # extra contrast/saturation; clipped below
 
     canvas = canvas * (1.0 - alpha) + colour * alpha
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
@@ -172,7 +172,7 @@ def _draw_objects(scene: Scene, n: int) -> tuple[Image.Image, Image.Image, Image
         cx, cy, r = object_geometry(obj, n)
         # sketch: outline only; pop art: fill plus thick black outline; others: flat fill.
         fill = None if style == "sketch" else rgb
-        outline = rgb if style == "sketch" else (1, 1, 1) if style == "pop art" else None
+        outline = rgb if style == "sketch" else (0, 0, 0) if style == "pop art" else None
         # Line width follows the object's size so small pop-art shapes keep their fill.
         width = 0 if not outline else max(2, round(n / 32)) if style == "sketch" else max(2, round(r * 0.2))
         if obj.shape == "circle":

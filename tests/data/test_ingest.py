@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from sharegpt4v import storage
+from sharegpt4v.storage import StoreError
 from sharegpt4v.config import IngestConfig
-from sharegpt4v.data.ingest import IngestError, ingest
+from sharegpt4v.data.ingest import ingest
 from sharegpt4v.data.inspect import inspect_dataset
 from sharegpt4v.data.shards import open_dataset, sample_image, sample_meta
 from tests.data.messy import make_img2dataset_shards, make_llava_json, make_messy_folder
@@ -152,7 +153,7 @@ def test_broken_json_file_exits_1(tmp_path: Path) -> None:
 def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     make_messy_folder(tmp_path / "in", with_outside_link=False)
     ingest(str(tmp_path / "in"), str(tmp_path / "out"), IngestConfig(), progress=False)
-    with pytest.raises(IngestError, match="--overwrite"):
+    with pytest.raises(StoreError, match="--overwrite"):
         ingest(str(tmp_path / "in"), str(tmp_path / "out"), IngestConfig(), progress=False)
     summary = ingest(str(tmp_path / "in"), str(tmp_path / "out"), IngestConfig(), overwrite=True, progress=False)
     assert summary.ok == 10

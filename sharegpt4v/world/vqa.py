@@ -1,0 +1,155 @@
+"""Questions with exact answers from the scene graph: MME-style yes/no pairs,
+MMBench-style 4-option multiple choice, and short answers.
+
+Every question names objects unambiguously: by "colour shape" (unique in a scene) or by grid
+cell (one object per cell), never by shape alone unless that shape occurs once.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from sharegpt4v.world.scene import Scene, WorldObject
+from sharegpt4v.world.vocab import COLOURS, POSITIONS, SHAPES, STYLES, WORDS
+
+LETTERS = ("A", "B", "C", "D")
+
+# How a question refers to a cell ("Which shape is in the top left corner?").
+CELL_PHRASES: dict[str, str] = {
+    "top left": "in the top left corner", "top": "at the top center", "top right": "in the top right corner",
+    "left": "on the middle left", "center": "in the center", "right": "on the middle right",
+    "bottom left": "in the bottom left corner", "bottom": "at the bottom center",
+    "bottom right": "in the bottom right corner",
+}
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def vqa_items(scene: Scene, rng: random.Random) -> list[dict[str, Any]]:
+    """All question items for `scene`; answers are exact (see module docstring)."""
+    items: list[dict[str, Any]] = []
+
+    def add(kind: str, category: str, question: str, answer: str, **extra: Any) -> None:
+        items.append({"qid": f"{scene.id}-q{len(items):02d}", "kind": kind, "category": category,
+                      "question": question, "answer": answer, **extra})
+
+    for category, yes_q, no_q in _yes_no_pairs(scene, rng):
+        pair = f"{scene.id}-p{category}"
+        questions = [(yes_q, "yes"), (no_q, "no")]
+        rng.shuffle(questions)  # the "yes" question is not always first
+        for q, a in questions:
+            add("yesno", category, q, a, pair=pair)
+
+    for category, question, correct, distractors in _multiple_choice(scene, rng):
+        options = [correct, *rng.sample(distractors, 3)]
+        rng.shuffle(options)
+        add("mc", category, question, LETTERS[options.index(correct)], options=options)
+
+    for category, question, answer in _short_answers(scene, rng):
+        add("short", category, question, answer)
+    return items
+
+
+def _other_cell(obj: WorldObject, rng: random.Random) -> str:
+    return rng.choice([p for p in POSITIONS if p != obj.position])
+
+
+def _yes_no_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    objs = scene.objects
+    names = {o.name for o in objs}
+    pairs = []
+
+    # existence: a present object vs an absent one differing in colour or shape only.
+    o = rng.choice(objs)
+    absent = [f"{c} {o.shape}" for c in COLOURS if f"{c} {o.shape}" not in names]
+    absent += [f"{o.colour} {s}" for s in SHAPES if f"{o.colour} {s}" not in names]
+    pairs.append(("existence", f"Is there {_a(o.name)} in the image?", f"Is there {_a(rng.choice(absent))} in the image?"))
+
+    # count: the exact total (or the exact count of one shape) vs an off-by-one.
+    counts = scene.shape_counts()
+    if rng.random() < 0.5:
+        n = len(objs)
+        wrong = rng.choice([m for m in (n - 1, n + 1) if m >= 1])
+        pairs.append(("count", f"Are there exactly {n} objects in the image?",
+                      f"Are there exactly {wrong} objects in the image?"))
+    else:
+        shape = rng.choice(sorted(counts))
+        n = counts[shape]
+        wrong = rng.choice([m for m in (n - 1, n + 1) if m >= 1] if n > 1 else [2, 3])
+        yes_q = (f"Is there exactly one {shape} in the image?" if n == 1
+                 else f"Are there exactly {n} {_plural(shape)} in the image?")
+        pairs.append(("count", yes_q, f"Are there exactly {wrong} {_plural(shape)} in the image?"))
+
+    # position: the object's cell vs another cell.
+    o = rng.choice(objs)
+    pairs.append(("position", f"Is the {o.name} {CELL_PHRASES[o.position]}?",
+                  f"Is the {o.name} {CELL_PHRASES[_other_cell(o, rng)]}?"))
+
+    # colour: the object in a cell is asked about with its colour vs another colour.
+    o = rng.choice(objs)
+    other = rng.choice([c for c in COLOURS if c != o.colour])
+    where = CELL_PHRASES[o.position]
+    pairs.append(("colour", f"Is the {o.shape} {where} {o.colour}?", f"Is the {o.shape} {where} {other}?"))
+
+    # OCR: the word an object carries vs a word that appears nowhere in the image.
+    carriers = [o for o in objs if o.text]
+    if carriers:
+        o = rng.choice(carriers)
+        used = {x.text for x in carriers}
+        wrong_word = rng.choice([w for w in WORDS if w not in used])
+        pairs.append(("ocr", f'Is the word "{o.text}" written on the {o.name}?',
+                      f'Is the word "{wrong_word}" written on the {o.name}?'))
+    return pairs
+
+
+def _multiple_choice(scene: Scene, rng: random.Random) -> list[tuple[str, str, str, list[str]]]:
+    objs = scene.objects
+    out = []
+    o = rng.choice(objs)
+    out.append(("colour", f"What colour is the {o.shape} {CELL_PHRASES[o.position]}?", o.colour,
+                [c for c in COLOURS if c != o.colour]))
+    o = rng.choice(objs)
+    out.append(("shape", f"Which shape is {CELL_PHRASES[o.position]}?", o.shape,
+                [s for s in SHAPES if s != o.shape]))
+    o = rng.choice(objs)
+    out.append(("position", f"Where is the {o.name}?", o.position, [p for p in POSITIONS if p != o.position]))
+    n = len(objs)
+    out.append(("count", "How many objects are in the image?", str(n),
+                [str(m) for m in range(1, 10) if m != n]))
+    carriers = [o for o in objs if o.text]
+    if carriers:
+        o = rng.choice(carriers)
+        out.append(("ocr", f"Which word is written on the {o.name}?", o.text, [w for w in WORDS if w != o.text]))
+    out.append(("style", "Which style best describes the image?", scene.style,
+                [s for s in STYLES if s != scene.style]))
+    return out
+
+
+def _short_answers(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    objs = scene.objects
+    counts = scene.shape_counts()
+    out = []
+    o = rng.choice(objs)
+    # "the square" only when there is one square; otherwise pin it down by cell.
+    ref = f"the {o.shape}" if counts[o.shape] == 1 else f"the {o.shape} {CELL_PHRASES[o.position]}"
+    out.append(("colour", f"What colour is {ref}?", o.colour))
+    out.append(("count", "How many objects are there?", str(len(objs))))
+    shape = rng.choice(SHAPES)  # absent shapes too: "0" is an exact answer
+    out.append(("count", f"How many {_plural(shape)} are there?", str(counts.get(shape, 0))))
+    o = rng.choice(objs)
+    out.append(("shape", f"What shape is {CELL_PHRASES[o.position]}?", o.shape))
+    o = rng.choice(objs)
+    out.append(("position", f"Where is the {o.name}?", o.position))
+    carriers = [o for o in objs if o.text]
+    if carriers:
+        o = rng.choice(carriers)
+        out.append(("ocr", f"What word is written on the {o.name}?", o.text))
+    out.append(("background", "What is the background colour?", scene.background))
+    return out
