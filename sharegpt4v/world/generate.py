@@ -7,18 +7,20 @@ number of worker processes, and the manifest holds no paths or times: one seed, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import multiprocessing
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from sharegpt4v import storage, tracking
+from sharegpt4v.storage import json_bytes
 from sharegpt4v.config import WorldConfig
 from sharegpt4v.data.shards import ShardWriter, prepare_output, write_manifest
 from sharegpt4v.world.sample import SPLIT_ORDER, WorldSample, make_sample
@@ -28,8 +30,6 @@ GENERATOR_VERSION = 1
 
 def sample_record(sample: WorldSample) -> dict[str, Any]:
     """The `{key}.json` of a world sample: the shard contract fields plus the ground truth."""
-    import hashlib
-
     return {
         "id": sample.id,
         "source": sample.source,
@@ -45,14 +45,20 @@ def _make(args: tuple[int, int, WorldConfig]) -> WorldSample:
     return make_sample(*args)
 
 
-def iter_world(images: int, seed: int, cfg: WorldConfig) -> Iterator[WorldSample]:
-    """Samples 0..images-1 in order, rendered by `cfg.workers` processes."""
+def _make_encoded(args: tuple[int, int, WorldConfig]) -> tuple[WorldSample, bytes]:
+    """A sample and its encoded `.json`: the encoding is done by the worker, not the writer."""
+    sample = make_sample(*args)
+    return sample, json_bytes(sample_record(sample))
+
+
+def iter_world(images: int, seed: int, cfg: WorldConfig, make: Callable[[Any], Any] = _make) -> Iterator[Any]:
+    """`make(seed, i, cfg)` for i in 0..images-1, in order, computed by `cfg.workers` processes."""
     jobs = ((seed, i, cfg) for i in range(images))
     if cfg.workers <= 1:
-        yield from map(_make, jobs)
+        yield from map(make, jobs)
         return
     with multiprocessing.get_context("spawn").Pool(cfg.workers) as pool:
-        yield from pool.imap(_make, jobs, chunksize=32)
+        yield from pool.imap(make, jobs, chunksize=32)
 
 
 def generate_world(out: str, images: int, seed: int, cfg: WorldConfig, overwrite: bool = False,
@@ -68,8 +74,9 @@ def generate_world(out: str, images: int, seed: int, cfg: WorldConfig, overwrite
     params = {"seed": seed, "images": images, **{f"world.{k}": v for k, v in dataclasses.asdict(cfg).items()}}
     with tracking.stage_run("world-generate", params, tags={"stage": "world", "output": out}):
         started = time.perf_counter()
-        for sample in tqdm(iter_world(images, seed, cfg), total=images, desc="world", unit="img", disable=not progress):
-            writers[sample.split].write(sample.id, {"png": sample.image, "json": sample_record(sample)})
+        samples = iter_world(images, seed, cfg, make=_make_encoded)
+        for sample, record in tqdm(samples, total=images, desc="world", unit="img", disable=not progress):
+            writers[sample.split].write(sample.id, {"png": sample.image, "json": record})
             sources[sample.source] += 1
             for name in caption_chars:
                 caption_chars[name] += len(sample.metadata[name])
