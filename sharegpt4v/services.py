@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 
@@ -101,18 +102,17 @@ class LocalS3:
     def stop(self) -> None:
         _stop_group(self.process)
 
-    def create_bucket(self, name: str) -> None:
+    def client(self) -> Any:
+        """A boto3 client for this server whatever the environment says."""
         import boto3
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
         )
-        client.create_bucket(Bucket=name)
-        self.buckets.append(name)
 
 
 def start_s3(
@@ -186,15 +186,7 @@ def _local_credentials(workdir: Path) -> tuple[str, str]:
 
 def _wait_buckets(server: LocalS3, timeout: float) -> None:
     """`weed mini` answers before its buckets exist; wait until each one lists."""
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-    )
+    client = server.client()
     deadline = time.monotonic() + timeout
     pending = list(server.buckets)
     while pending:

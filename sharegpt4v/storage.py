@@ -279,19 +279,11 @@ class LocalStore(Store):
         return self.root / check_key(key) if key else self.root
 
     def put_file(self, key: str, local_path: str | Path) -> None:
-        dest = self._path(key)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            with self.writer(key) as out, open(local_path, "rb") as src:
+                shutil.copyfileobj(src, out, _CHUNK)
         except OSError as exc:
-            raise StoreError(f"{dest.parent}: cannot create folder ({exc.strerror})") from None
-        tmp = dest.with_name(f".{dest.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
-        try:
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dest)  # atomic on one filesystem
-        except OSError as exc:
-            raise StoreError(f"{dest}: cannot write ({exc.strerror})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+            raise StoreError(f"{self._path(key)}: cannot write ({exc.strerror})") from None
 
     @contextmanager
     def writer(self, key: str) -> Iterator[BinaryIO]:
@@ -304,7 +296,7 @@ class LocalStore(Store):
         try:
             with open(tmp, "wb") as out:
                 yield out
-            os.replace(tmp, dest)
+            os.replace(tmp, dest)  # atomic on one filesystem
         finally:
             tmp.unlink(missing_ok=True)
 

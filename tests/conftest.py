@@ -50,6 +50,8 @@ def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def mlflow_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MLflow on a sqlite file, switched on for this test through the environment."""
     service = services.start_mlflow(tmp_path / "mlflow")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", service.tracking_uri)
+    for key, value in service.env.items():
+        monkeypatch.setenv(key, value)
     return service.tracking_uri

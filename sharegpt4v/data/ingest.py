@@ -18,12 +18,12 @@ import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
-from sharegpt4v import storage
+from sharegpt4v import storage, tracking
 from sharegpt4v.config import IngestConfig
 from sharegpt4v.data.images import IMAGE_EXTENSIONS, BadImage, normalize_image
 from sharegpt4v.data.shards import ShardWriter, iter_shard, prepare_output, put_jsonl, write_manifest
@@ -102,7 +102,22 @@ def ingest(
     else:
         candidates = _from_json(source, image_root, source_name)
 
-    summary = IngestSummary(out=out)
+    params = {"input": source, "kind": kind, "out": out, **{f"ingest.{k}": v for k, v in asdict(cfg).items()}}
+    with tracking.stage_run("ingest", params, tags={"stage": "ingest"}):
+        summary = _write_dataset(candidates, out_store, cfg, source, kind, progress)
+        tracking.log_metrics(
+            {
+                **{k: v for k, v in summary.to_dict().items() if isinstance(v, int)},
+                **{f"error.{reason}": n for reason, n in summary.reasons.items()},
+            }
+        )
+    return summary
+
+
+def _write_dataset(
+    candidates: "_Counted", out_store: storage.Store, cfg: IngestConfig, source: str, kind: str, progress: bool
+) -> IngestSummary:
+    summary = IngestSummary(out=out_store.uri)
     writer = ShardWriter(out_store, split="data", samples_per_shard=cfg.samples_per_shard)
     rejected: list[dict[str, Any]] = []
     text_only: list[dict[str, Any]] = []

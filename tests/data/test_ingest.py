@@ -158,3 +158,16 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     summary = ingest(str(tmp_path / "in"), str(tmp_path / "out"), IngestConfig(), overwrite=True, progress=False)
     assert summary.ok == 10
     assert inspect_dataset(str(tmp_path / "out"), verify=True, progress=False)["integrity_problems"] == []
+
+
+def test_ingest_logs_counts_to_mlflow(tmp_path: Path, mlflow_sqlite: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    make_messy_folder(tmp_path / "in", with_outside_link=False)
+    ingest(str(tmp_path / "in"), str(tmp_path / "out"), IngestConfig(), progress=False)
+    client = MlflowClient(mlflow_sqlite)
+    (run,) = client.search_runs([client.get_experiment_by_name("sharegpt4v").experiment_id])
+    assert run.info.run_name == "ingest" and run.info.status == "FINISHED"
+    assert {k: run.data.metrics[k] for k in ("ok", "error", "duplicate")} == {"ok": 10, "error": 8, "duplicate": 1}
+    assert run.data.metrics["error.corrupt"] == 2
+    assert run.data.params["ingest.max_pixels"] == str(IngestConfig().max_pixels)
