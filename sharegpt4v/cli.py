@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -125,12 +126,15 @@ def cmd_services_up(args: argparse.Namespace) -> int:
 
     workdir = Path(args.dir)
     with local_services(workdir, mlflow_server=args.mlflow_server) as (s3, mlflow):
-        print("# local services are up; paste into another shell:")
-        for key, value in {**s3.env, **mlflow.env}.items():
-            print(f"export {key}={value}")
-        print(f"# S3 buckets: {', '.join(s3.buckets)}; MLflow UI: mlflow ui --backend-store-uri {mlflow.tracking_uri}"
-              if not args.mlflow_server else f"# S3 buckets: {', '.join(s3.buckets)}; MLflow UI: {mlflow.tracking_uri}")
-        print("# Ctrl-C stops them", flush=True)
+        # The keys go to a private file, not the terminal: a shell picks them up with `source`.
+        env_file = workdir.resolve() / "env.sh"
+        env_file.touch(mode=0o600)
+        env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in {**s3.env, **mlflow.env}.items()))
+        ui = mlflow.tracking_uri if args.mlflow_server else f"mlflow ui --backend-store-uri {mlflow.tracking_uri}"
+        print(f"S3 (SeaweedFS): {s3.endpoint}  buckets: {', '.join(s3.buckets)}")
+        print(f"MLflow: {ui}")
+        print(f"In another shell: source {env_file}")
+        print("Ctrl-C stops them", flush=True)
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
         try:

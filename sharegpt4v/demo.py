@@ -86,7 +86,8 @@ def run_demo(workdir: Path, images: int = 600, seed: int = 0, profile: str = "ti
         console.print(
             f"\nData stays in {workdir} (S3 data in s3/, MLflow in mlflow/).\n"
             f"Open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {mlflow.tracking_uri}\n"
-            f"Browse the data again: .venv/bin/sharegpt4v services up --dir {workdir}  (then data inspect {world_uri})"
+            f"Browse the data again: .venv/bin/sharegpt4v services up --dir {workdir}, then in another shell:\n"
+            f"  source {workdir}/env.sh && .venv/bin/sharegpt4v data inspect {world_uri}"
         )
     return {"report": report, "quality": quality}
 

@@ -80,7 +80,7 @@ def test_verify_catches_a_tampered_shard(tmp_path: Path) -> None:
     assert result.returncode == 1 and "mismatch" in result.stdout
 
 
-def test_services_up_prints_env_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_services_up_writes_a_private_env_file_and_stops_on_sigterm(tmp_path: Path) -> None:
     import signal
     import time
 
@@ -91,7 +91,11 @@ def test_services_up_prints_env_and_stops_on_sigterm(tmp_path: Path) -> None:
     while not any("Ctrl-C" in line for line in lines):
         assert time.monotonic() < deadline and proc.poll() is None
         lines.append(proc.stdout.readline())
-    env = dict(line.removeprefix("export ").strip().split("=", 1) for line in lines if line.startswith("export "))
+    env_file = tmp_path / "env.sh"
+    assert f"source {env_file}" in "".join(lines)
+    assert not any("AWS_SECRET_ACCESS_KEY" in line for line in lines)  # keys are not printed
+    assert env_file.stat().st_mode & 0o077 == 0
+    env = dict(line.removeprefix("export ").strip().split("=", 1) for line in env_file.read_text().splitlines())
     assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
     result = cli("world", "generate", "--out", "s3://sharegpt4v/w", "--images", "5", env={**os.environ, **env})
     assert result.returncode == 0, result.stderr
