@@ -240,6 +240,41 @@ class CaptioningConfig:
         return self
 
 
+@dataclass(config=_STRICT_KEYS)
+class TeacherConfig:
+    """The teacher VLM behind an OpenAI-compatible chat-completions endpoint.
+
+    The base URL and API key are read from the environment variables named here (a
+    Kubernetes Secret in cluster); their values never enter the recipe, logs or MLflow.
+    """
+
+    model: str = "gpt-4o"
+    base_url_env: str = "OPENAI_BASE_URL"
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    requests_per_minute: float = 600.0  # client-side rate limit
+    max_retries: int = 5
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    timeout_s: float = 60.0
+    max_tokens: int = 1024
+    temperature: float = 0.2
+    min_caption_chars: int = 40  # shorter answers are recorded as errors ("short")
+    usd_per_1k_prompt_tokens: float = 0.0025
+    usd_per_1k_completion_tokens: float = 0.01
+    budget_usd: float | None = None  # stop cleanly once this much was spent in one run
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherConfig":
+        if self.concurrency < 1 or self.max_retries < 0 or self.max_tokens < 1:
+            raise ValueError("concurrency: concurrency and max_tokens must be >= 1, max_retries >= 0")
+        if self.requests_per_minute <= 0 or self.timeout_s <= 0 or self.backoff_base_s < 0:
+            raise ValueError("requests_per_minute: rate, timeout and backoff must be positive")
+        if self.budget_usd is not None and self.budget_usd < 0:
+            raise ValueError("budget_usd: must be >= 0 (or null for no cap)")
+        return self
+
+
 def _default_stage(**kw: Any) -> Any:
     return dataclasses.field(default_factory=lambda: StageConfig(**kw))
 
@@ -258,6 +293,7 @@ class RecipeConfig:
     pretrain: StageConfig = _default_stage(template="plain", image_aspect="crop", vit_unfreeze_from=0)
     sft: StageConfig = _default_stage(template="vicuna_v1", image_aspect="pad")
     captioning: CaptioningConfig = dataclasses.field(default_factory=CaptioningConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RecipeConfig":

@@ -326,9 +326,7 @@ class LocalStore(Store):
             yield ObjectInfo(check_key(prefix), base.stat().st_size)
             return
         if not base.is_dir():
-            if not self.root.exists():
-                raise ObjectNotFound(f"{self.root}: no such folder")
-            return
+            return  # like an S3 prefix with no objects
         if not os.access(base, os.R_OK | os.X_OK):
             raise StoreError(f"{base}: permission denied")
         yield from self._walk(base)

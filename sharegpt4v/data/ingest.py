@@ -218,7 +218,9 @@ def _from_folder(root: str, source_name: str | None) -> _Counted:
     default_source = source_name or posixpath.basename(root.rstrip("/")) or "default"
 
     def gen(counter: _Counted) -> Iterator[Candidate]:
+        empty = True
         for info in store.list():
+            empty = False
             rel = info.key
             if not rel.lower().endswith(IMAGE_EXTENSIONS):
                 counter.skipped += 1
@@ -232,6 +234,8 @@ def _from_folder(root: str, source_name: str | None) -> _Counted:
                     continue
             data, error = _read(store, rel)
             yield Candidate(rel, src, data, error, extra)
+        if empty:
+            raise IngestError(f"{root}: no files found")
 
     return _Counted(gen)
 

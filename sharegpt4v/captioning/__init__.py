@@ -1,0 +1,1 @@
+"""Captioning: teacher client, local captioning engine, sharded exactly-once jobs, quality report."""

@@ -1,0 +1,167 @@
+"""The sharded captioning job: exactly once per image, across kills, workers and reruns."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sharegpt4v import storage
+from sharegpt4v.captioning.job import (
+    IncompleteCaptionSet,
+    finalize_caption_set,
+    iter_caption_records,
+    run_caption_job,
+)
+from sharegpt4v.config import WorldConfig
+from sharegpt4v.data.shards import open_dataset, sample_meta
+from sharegpt4v.world.generate import generate_world
+from tests.captioning.doubles import EchoCaptioner, expected_caption
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """120 images in 24 shards of 5 (all splits)."""
+    uri = str(tmp_path_factory.mktemp("world"))
+    generate_world(uri, 120, 0, WorldConfig(samples_per_shard=5), progress=False)
+    return uri
+
+
+def _input(world: str) -> dict[str, str]:
+    return {sample_meta(s)["id"]: sample_meta(s)["sha256"] for s in open_dataset(world).samples()}
+
+
+def _check_exactly_once(world: str, out: str) -> list[dict]:
+    records = list(iter_caption_records(out))
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), [i for i, n in Counter(ids).items() if n > 1]
+    assert set(ids) == set(_input(world))
+    for record in records:
+        if record["status"] == "error":
+            assert record["reason"] and record["detail"]
+        else:
+            assert record["caption"] == expected_caption(record["image_sha256"])
+    return records
+
+
+def test_single_run_captions_everything_once(world: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "captions")
+    summary = run_caption_job(world, out, EchoCaptioner(error_every=7), batch_size=4, progress=False)
+    assert summary.complete and summary.shards_completed == summary.shards_total == len(open_dataset(world).shards)
+    records = _check_exactly_once(world, out)
+    assert summary.error == sum(r["status"] == "error" for r in records) > 0
+    manifest = storage.open_store(out).read_manifest()
+    assert manifest["counts"] == {"records": 120, "ok": summary.ok, "error": summary.error}
+    assert storage.open_store(out).verify_folder() == []
+    assert not list(storage.open_store(out).list("parts"))  # progress parts are cleaned up
+    # records carry the contract fields
+    assert {"id", "image_sha256", "source", "caption", "captioner", "prompt_id", "completion_tokens", "seconds",
+            "status"} <= set(records[0])
+
+
+def test_rerun_of_a_complete_job_does_nothing(world: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "captions")
+    run_caption_job(world, out, EchoCaptioner(), batch_size=8, progress=False)
+    again = EchoCaptioner()
+    summary = run_caption_job(world, out, again, batch_size=8, progress=False)
+    assert again.calls == 0 and summary.shards_done_before == summary.shards_total
+
+
+def test_retry_errors_recaptions_only_the_errors(world: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "captions")
+    first = run_caption_job(world, out, EchoCaptioner(error_every=5), batch_size=8, progress=False)
+    assert first.error > 0
+    second = run_caption_job(world, out, EchoCaptioner(), batch_size=8, retry_errors=True, progress=False)
+    assert second.captioned == first.error and second.error == 0
+    records = _check_exactly_once(world, out)
+    assert all(r["status"] == "ok" for r in records)
+
+
+def test_workers_split_the_shards_and_fan_in(world: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "captions")
+    seen = []
+    for worker in range(3):
+        summary = run_caption_job(world, out, EchoCaptioner(), batch_size=8, worker=worker, num_workers=3,
+                                  progress=False)
+        seen.append(summary.captioned)
+        if worker < 2:
+            assert not summary.complete
+            with pytest.raises(IncompleteCaptionSet):
+                finalize_caption_set(world, out)
+    assert sum(seen) == 120 and all(n > 0 for n in seen)
+    finalize_caption_set(world, out)
+    _check_exactly_once(world, out)
+
+
+def test_budget_stop_then_rerun_continues(world: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "captions")
+    first = run_caption_job(world, out, EchoCaptioner(budget=37), batch_size=4, part_size=3, progress=False)
+    assert first.stopped == "budget" and not first.complete and first.captioned == 37
+    with pytest.raises(storage.IncompleteFolder):
+        list(iter_caption_records(out))
+    second_captioner = EchoCaptioner()
+    second = run_caption_job(world, out, second_captioner, batch_size=4, part_size=3, progress=False)
+    assert second.complete and second.captioned == 120 - 37  # nothing captioned twice
+    _check_exactly_once(world, out)
+
+
+_JOB = textwrap.dedent(
+    """
+    import sys
+    from sharegpt4v.captioning.job import run_caption_job
+    from tests.captioning.doubles import EchoCaptioner
+    summary = run_caption_job(sys.argv[1], sys.argv[2], EchoCaptioner(error_every=9, delay=0.05), batch_size=3,
+                              part_size=2, progress=False)
+    print("complete" if summary.complete else "incomplete", flush=True)
+    """
+)
+
+
+def _published(out: Path) -> int:
+    return sum(1 for p in out.rglob("*.jsonl") if not p.name.startswith("."))
+
+
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(world: str, tmp_path: Path) -> None:
+    out = tmp_path / "captions"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(12):
+        before = _published(out)
+        proc = subprocess.Popen([sys.executable, "-c", _JOB, world, str(out)], stdout=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).resolve().parents[2])
+        if kills < 5:
+            # Kill at a random moment after the job has started publishing: mid-shard, mid-part,
+            # between a records file and its marker, or during clean-up.
+            deadline = time.monotonic() + 60
+            while _published(out) == before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.5))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait()
+            continue
+        stdout, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        if stdout.strip() == "complete":
+            break
+    assert kills == 5
+    _check_exactly_once(world, str(out))
+    assert list(storage.open_store(str(out)).list("parts")) == []
+
+
+def test_records_are_in_shard_order(world: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "captions")
+    run_caption_job(world, out, EchoCaptioner(), batch_size=7, progress=False)
+    order = [sample_meta(s)["id"] for s in open_dataset(world).samples()]
+    assert [r["id"] for r in iter_caption_records(out)] == order
+    marker = json.loads((tmp_path / "captions" / "records" / "train-000000.done.json").read_text())
+    assert marker["records"] == 5
