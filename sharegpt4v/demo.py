@@ -8,6 +8,7 @@ Later stages (captioning, training, evaluation, serving) extend this job.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def caption_quality(dataset_uri: str, split: str = "val") -> dict[str, dict[str,
 def run_demo(workdir: Path, images: int = 600, seed: int = 0, profile: str = "tiny",
              overrides: list[str] | tuple[str, ...] = ()) -> dict[str, object]:
     console = Console()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines would drown the report
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     recipe = load_recipe(profile, overrides)
     workdir = workdir.resolve()
     console.rule("[bold]ShareGPT4V platform demo (embedded default)")
