@@ -121,6 +121,77 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_job(args: argparse.Namespace, captioner: Any, batch_size: int) -> int:
+    from sharegpt4v.captioning.job import run_caption_job
+
+    summary = run_caption_job(
+        args.input, args.out, captioner, batch_size=batch_size, worker=args.worker, num_workers=args.num_workers,
+        split=args.split, retry_errors=args.retry_errors,
+    )
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return 0
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary.reasons.items())) or "none"
+    print(
+        f"caption: {summary.captioned} captioned this run (ok={summary.ok} error={summary.error}; errors: {reasons}); "
+        f"shards {summary.shards_done_before} done before + {summary.shards_completed} now of {summary.shards_total}"
+    )
+    if summary.stopped == "budget":
+        print("stopped: the budget cap was reached; what finished is kept, rerun (with more budget) to continue")
+    elif summary.complete:
+        print(f"complete: {args.out}" + ("" if args.num_workers == 1 else " (run `caption finalize` to publish it)"))
+    return 0
+
+
+def cmd_caption_teacher(args: argparse.Namespace) -> int:
+    from sharegpt4v.captioning.teacher import TeacherClient
+
+    recipe = _recipe(args)
+    if args.budget_usd is not None:
+        recipe.teacher.budget_usd = args.budget_usd
+    with TeacherClient(recipe.teacher) as client:
+        return _run_job(args, client, batch_size=args.batch_size or 4 * recipe.teacher.concurrency)
+
+
+def cmd_caption_finalize(args: argparse.Namespace) -> int:
+    from sharegpt4v.captioning.job import finalize_caption_set
+
+    manifest = finalize_caption_set(args.input, args.out, args.split)
+    print(f"caption set complete: {manifest['counts']} -> {args.out}")
+    return 0
+
+
+def cmd_caption_export(args: argparse.Namespace) -> int:
+    from sharegpt4v.captioning.formats import export_conversations
+
+    counts = export_conversations(args.records, args.out, dataset_uri=args.input, images_out=args.images_out)
+    print(f"export: {counts['exported']} conversations ({counts['skipped_errors']} error records left out, "
+          f"{counts['images']} images written) -> {args.out}")
+    return 0
+
+
+def cmd_caption_import(args: argparse.Namespace) -> int:
+    from sharegpt4v.captioning.formats import import_conversations
+
+    manifest = import_conversations(args.source, args.out, image_root=args.images)
+    print(f"import: {manifest['counts']} -> {args.out}")
+    return 0
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_teacher_sim_serve(args: argparse.Namespace) -> int:
+    from sharegpt4v.captioning.teacher_sim import FAULT_KINDS, Faults, serve_forever
+
+    kinds = tuple(k for k in args.fault_kinds.split(",") if k) if args.fault_kinds else FAULT_KINDS
+    faults = Faults(rate=args.fault_rate, kinds=kinds, latency_s=args.latency_s)
+    signal.signal(signal.SIGTERM, _interrupt)  # a pod's SIGTERM stops it like Ctrl-C
+    serve_forever(args.world, host=args.host, port=args.port, faults=faults, seed=args.seed)
+    return 0
+
+
 def cmd_services_up(args: argparse.Namespace) -> int:
     from sharegpt4v.services import local_services
 
@@ -199,6 +270,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object (top level: ok, error, duplicate, ...)")
     p.add_argument("--verify", action="store_true", help="also re-hash every file against the manifest")
 
+    caption = sub.add_parser("caption", help="captioning jobs and caption sets").add_subparsers(dest="action", required=True)
+
+    def job_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--input", required=True, help="image dataset (folder with a shard manifest)")
+        p.add_argument("--out", required=True, help="caption set folder (records per shard + manifest)")
+        p.add_argument("--split", default=None, help="only this split (train/val/test); default: all")
+        p.add_argument("--worker", type=int, default=0, help="this worker's index (KFP fan-out)")
+        p.add_argument("--num-workers", type=int, default=1)
+        p.add_argument("--batch-size", type=int, default=0, help="images per captioner call (default from the recipe)")
+        p.add_argument("--retry-errors", action="store_true", help="caption again the images whose record is an error")
+        p.add_argument("--json", action="store_true", help="print the job summary as JSON")
+        _recipe_args(p)
+
+    p = add(caption, "teacher", cmd_caption_teacher,
+            "seed captions from the teacher VLM (OpenAI-compatible endpoint from $OPENAI_BASE_URL / $OPENAI_API_KEY)")
+    job_args(p)
+    p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly after spending this much (teacher.budget_usd)")
+    p = add(caption, "finalize", cmd_caption_finalize, "fan-in: publish the caption set once every shard is captioned")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default=None)
+    p = add(caption, "export", cmd_caption_export, "caption set -> ShareGPT4V/LLaVA conversation JSON (+ images)")
+    p.add_argument("--records", required=True, help="caption set folder")
+    p.add_argument("--out", required=True, help="JSON file to write (local or s3://)")
+    p.add_argument("--input", default=None, help="the image dataset, to name image files by format and to export them")
+    p.add_argument("--images-out", default=None, help="also write the images here, under the JSON's image paths")
+    p = add(caption, "import", cmd_caption_import, "ShareGPT4V/LLaVA caption JSON -> caption set")
+    p.add_argument("--from", dest="source", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", default=None, help="image root, to record each image's sha256")
+
+    teacher_sim = sub.add_parser("teacher-sim", help="synthetic teacher endpoint (a stand-in for the paid teacher)")
+    p = add(teacher_sim.add_subparsers(dest="action", required=True), "serve", cmd_teacher_sim_serve,
+            "serve an OpenAI-compatible endpoint that answers with the synthetic world's detailed captions")
+    p.add_argument("--world", required=True, help="synthetic world dataset whose images it knows")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--fault-rate", type=float, default=0.0)
+    p.add_argument("--fault-kinds", default="", help="comma-separated: 429,500,503,slow,malformed,short,refusal,truncated")
+    p.add_argument("--latency-s", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+
     services = sub.add_parser("services", help="embedded S3 and MLflow").add_subparsers(dest="action", required=True)
     p = add(services, "up", cmd_services_up, "run local S3 (SeaweedFS) and MLflow on loopback until Ctrl-C")
     p.add_argument("--dir", default=".local/services")
@@ -210,19 +323,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from sharegpt4v.captioning.formats import FormatError
+    from sharegpt4v.captioning.teacher import TeacherError
     from sharegpt4v.data.ingest import IngestError
     from sharegpt4v.services import ServiceError
     from sharegpt4v.storage import StoreError
 
+    failures = (CommandError, StoreError, IngestError, ServiceError, TeacherError, FormatError, ValueError, OSError)
     try:
         return args.fn(args)
-    except ConfigError as exc:
-        print(f"sharegpt4v: error: {exc}", file=sys.stderr)
-        return 2
-    except (CommandError, StoreError, IngestError, ServiceError, OSError) as exc:
+    except (ConfigError, *failures) as exc:
+        if os.environ.get("SHAREGPT4V_DEBUG"):
+            raise  # the full traceback, for developers
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"sharegpt4v: error: {message}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         print("sharegpt4v: interrupted", file=sys.stderr)
         return 130
