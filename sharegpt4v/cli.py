@@ -178,6 +178,28 @@ def cmd_caption_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption_report(args: argparse.Namespace) -> int:
+    from sharegpt4v.captioning.report import run_report, world_caption_sets
+
+    sets: dict[str, Any] = {}
+    for item in args.records:
+        name, sep, uri = item.partition("=")
+        if not sep or not name or not uri:
+            raise CommandError(f"--records {item!r}: expected NAME=URI")
+        sets[name] = uri
+    if args.world_captions:
+        if not args.input:
+            raise CommandError("--world-captions needs --input (a synthetic world dataset)")
+        sets.update(world_caption_sets(args.input, args.split))
+    if not sets:
+        raise CommandError("nothing to report: give --records NAME=URI and/or --world-captions")
+    report = run_report(sets, args.out, dataset_uri=args.input, split=args.split, samples=args.samples)
+    print(f"caption report -> {args.out}/report.html")
+    for row in report["comparison"]:
+        print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
 def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
@@ -300,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--images", default=None, help="image root, to record each image's sha256")
+
+    p = add(caption, "report", cmd_caption_report,
+            "caption quality report (lengths, POS, diversity, fact recall on the synthetic world) as JSON + HTML")
+    p.add_argument("--records", action="append", default=[], metavar="NAME=URI", help="a caption set to include (repeat)")
+    p.add_argument("--input", default=None, help="the image dataset: joins images, and scores facts on the synthetic world")
+    p.add_argument("--split", default=None)
+    p.add_argument("--world-captions", action="store_true", help="add the world's own brief and detailed captions as references")
+    p.add_argument("--samples", type=int, default=12)
+    p.add_argument("--out", required=True, help="folder (local or s3://) for report.json, report.html and plots")
 
     teacher_sim = sub.add_parser("teacher-sim", help="synthetic teacher endpoint (a stand-in for the paid teacher)")
     p = add(teacher_sim.add_subparsers(dest="action", required=True), "serve", cmd_teacher_sim_serve,

@@ -101,3 +101,16 @@ def test_services_up_writes_a_private_env_file_and_stops_on_sigterm(tmp_path: Pa
     assert result.returncode == 0, result.stderr
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
+
+
+def test_caption_report_cli(tmp_path: Path) -> None:
+    world = str(tmp_path / "world")
+    assert cli("world", "generate", "--out", world, "--images", "30").returncode == 0
+    result = cli("caption", "report", "--input", world, "--world-captions", "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    assert "set=world:detailed" in result.stdout and "fact_recall=1.000" in result.stdout
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert set(report["sets"]) == {"world:brief", "world:detailed"}
+    assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
+    bad = cli("caption", "report", "--records", "no-equals-sign", "--out", str(tmp_path / "r2"))
+    assert bad.returncode == 1 and "NAME=URI" in bad.stderr
