@@ -16,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sharegpt4v.errors import PlatformError
 from sharegpt4v.config import ConfigError, available_profiles, load_recipe
 
 
-class CommandError(RuntimeError):
+class CommandError(PlatformError):
     """A failure to report as one line and exit 1."""
 
 
@@ -151,6 +152,15 @@ def cmd_caption_teacher(args: argparse.Namespace) -> int:
         recipe.teacher.budget_usd = args.budget_usd
     with TeacherClient(recipe.teacher) as client:
         return _run_job(args, client, batch_size=args.batch_size or 4 * recipe.teacher.concurrency)
+
+
+def cmd_caption_run(args: argparse.Namespace) -> int:
+    from sharegpt4v.captioning.engine import make_captioner
+
+    recipe = _recipe(args)
+    device = args.device or recipe.compute.device
+    captioner = make_captioner(args.model, recipe, device=device)
+    return _run_job(args, captioner, batch_size=args.batch_size or recipe.captioning.batch_size)
 
 
 def cmd_caption_finalize(args: argparse.Namespace) -> int:
@@ -309,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
             "seed captions from the teacher VLM (OpenAI-compatible endpoint from $OPENAI_BASE_URL / $OPENAI_API_KEY)")
     job_args(p)
     p.add_argument("--budget-usd", type=float, default=None, help="stop cleanly after spending this much (teacher.budget_usd)")
+    p = add(caption, "run", cmd_caption_run, "caption a corpus with a trained captioner (LLaVA checkpoint folder or s3:// prefix)")
+    job_args(p)
+    p.add_argument("--model", required=True, help="captioner checkpoint written by the platform (with its manifest)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: compute.device of the recipe)")
     p = add(caption, "finalize", cmd_caption_finalize, "fan-in: publish the caption set once every shard is captioned")
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
@@ -354,13 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from sharegpt4v.captioning.formats import FormatError
-    from sharegpt4v.captioning.teacher import TeacherError
-    from sharegpt4v.data.ingest import IngestError
-    from sharegpt4v.services import ServiceError
-    from sharegpt4v.storage import StoreError
-
-    failures = (CommandError, StoreError, IngestError, ServiceError, TeacherError, FormatError, ValueError, OSError)
+    # PlatformError covers store, ingest, services, teacher, model and format errors; OSError and
+    # ValueError cover bad paths and values found while running.
+    failures = (PlatformError, ValueError, OSError)
     try:
         return args.fn(args)
     except (ConfigError, *failures) as exc:

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sharegpt4v.errors import PlatformError
+
 LOOPBACK = "127.0.0.1"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(PlatformError):
     pass
 
 

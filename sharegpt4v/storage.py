@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from sharegpt4v.errors import PlatformError
+
 MANIFEST_NAME = "manifest.json"
 _PARTIAL_MARK = ".partial-"
 _CHUNK = 1 << 20
 
 
-class StoreError(RuntimeError):
+class StoreError(PlatformError):
     """An object-store operation failed; the message is one line a user can act on."""
 
 

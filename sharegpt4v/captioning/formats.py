@@ -12,6 +12,7 @@ import hashlib
 import json
 from typing import Any
 
+from sharegpt4v.errors import PlatformError
 from sharegpt4v import storage
 from sharegpt4v.captioning.job import CAPTION_SET_KIND, iter_caption_records
 from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
@@ -19,7 +20,7 @@ from sharegpt4v.data.images import IMAGE_EXTENSIONS
 from sharegpt4v.data.shards import open_dataset, put_jsonl, sample_image, sample_meta
 
 
-class FormatError(ValueError):
+class FormatError(PlatformError, ValueError):
     pass
 
 

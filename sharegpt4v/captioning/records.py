@@ -73,7 +73,7 @@ def make_record(request: CaptionRequest, result: CaptionResult, captioner: str) 
         "captioner": captioner,
         **{k: v for k, v in asdict(result).items() if k != "id"},
     }
-    if record["status"] == "ok":
+    if record["status"] == "ok" and record["reason"] is None:  # an ok caption may still carry a mark, e.g. truncated
         record.pop("reason")
         record.pop("detail")
     return record

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import openai
 
+from sharegpt4v.errors import PlatformError
 from sharegpt4v.captioning.prompts import teacher_prompt
 from sharegpt4v.captioning.records import BudgetExceeded, CaptionRequest, CaptionResult
 from sharegpt4v.config import TeacherConfig
@@ -52,7 +53,7 @@ _REFUSAL = re.compile(
 )
 
 
-class TeacherError(RuntimeError):
+class TeacherError(PlatformError):
     """The teacher cannot be used at all (missing settings, key rejected)."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from sharegpt4v.errors import PlatformError
 from sharegpt4v import storage, tracking
 from sharegpt4v.config import IngestConfig
 from sharegpt4v.data.images import IMAGE_EXTENSIONS, BadImage, normalize_image
@@ -31,7 +32,7 @@ from sharegpt4v.data.shards import ShardWriter, iter_shard, prepare_output, put_
 KINDS = ("auto", "folder", "wds", "json")
 
 
-class IngestError(RuntimeError):
+class IngestError(PlatformError):
     """The input as a whole cannot be read (not one bad sample)."""
 
 
