@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sharegpt4v.errors import PlatformError
 from sharegpt4v.config import ConfigError, available_profiles, load_recipe
+from sharegpt4v.errors import PlatformError
 
 
 class CommandError(PlatformError):

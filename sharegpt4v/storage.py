@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import posixpath
 import random
 import shutil
 import tempfile
@@ -543,7 +542,11 @@ class _S3ReadStream(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+        from botocore.exceptions import (
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
         from urllib3.exceptions import ProtocolError
 
         for attempt in range(self.max_resumes + 1):

@@ -6,7 +6,6 @@ import os
 import time
 
 import psutil
-
 import pytest
 
 from sharegpt4v import services, storage

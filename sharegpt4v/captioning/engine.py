@@ -12,8 +12,12 @@ import importlib.util
 import time
 from typing import Any
 
+from sharegpt4v.captioning.records import (
+    CAPTION_INSTRUCTION,
+    CaptionRequest,
+    CaptionResult,
+)
 from sharegpt4v.errors import PlatformError
-from sharegpt4v.captioning.records import CAPTION_INSTRUCTION, CaptionRequest, CaptionResult
 from sharegpt4v.modeling.images import CLIP_MEAN, expand2square, load_image
 from sharegpt4v.modeling.inference import Generation, InferenceEngine
 from sharegpt4v.modeling.templates import generation_prompt

@@ -12,12 +12,12 @@ import hashlib
 import json
 from typing import Any
 
-from sharegpt4v.errors import PlatformError
 from sharegpt4v import storage
 from sharegpt4v.captioning.job import CAPTION_SET_KIND, iter_caption_records
 from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
 from sharegpt4v.data.images import IMAGE_EXTENSIONS
 from sharegpt4v.data.shards import open_dataset, put_jsonl, sample_image, sample_meta
+from sharegpt4v.errors import PlatformError
 
 
 class FormatError(PlatformError, ValueError):

@@ -25,8 +25,20 @@ from typing import Any
 from tqdm import tqdm
 
 from sharegpt4v import storage, tracking
-from sharegpt4v.captioning.records import BudgetExceeded, CaptionRequest, Captioner, CaptionResult, make_record
-from sharegpt4v.data.shards import assign_shards, iter_shard, open_dataset, sample_image, sample_meta
+from sharegpt4v.captioning.records import (
+    BudgetExceeded,
+    Captioner,
+    CaptionRequest,
+    CaptionResult,
+    make_record,
+)
+from sharegpt4v.data.shards import (
+    assign_shards,
+    iter_shard,
+    open_dataset,
+    sample_image,
+    sample_meta,
+)
 from sharegpt4v.storage import FileEntry, Store
 
 CAPTION_SET_KIND = "sharegpt4v.caption-records"

@@ -75,7 +75,9 @@ class _PosTagger:
     """Coarse POS counts per caption, cached per unique text (sets often share captions)."""
 
     def __init__(self) -> None:
-        from textblob.en import tag  # the Pattern tagger: bundled lexicon, no NLTK corpora
+        from textblob.en import (
+            tag,  # the Pattern tagger: bundled lexicon, no NLTK corpora
+        )
 
         self._tag = tag
         self._cache: dict[str, Counter] = {}
@@ -402,7 +404,9 @@ def report_json(report: dict[str, Any]) -> bytes:
 
 def make_plots(report: dict[str, Any]) -> dict[str, bytes]:
     """PNG plots: overlaid length histograms, POS composition, fact recall by kind."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global state, Agg canvas on save
+    )
 
     names = [n for n in report["set_order"] if report["sets"][n]["length"]]
     plots: dict[str, bytes] = {}

@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 
 import openai
 
-from sharegpt4v.errors import PlatformError
 from sharegpt4v.captioning.prompts import teacher_prompt
 from sharegpt4v.captioning.records import BudgetExceeded, CaptionRequest, CaptionResult
 from sharegpt4v.config import TeacherConfig
+from sharegpt4v.errors import PlatformError
 
 log = logging.getLogger(__name__)
 

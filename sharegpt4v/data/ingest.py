@@ -23,11 +23,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sharegpt4v.errors import PlatformError
 from sharegpt4v import storage, tracking
 from sharegpt4v.config import IngestConfig
 from sharegpt4v.data.images import IMAGE_EXTENSIONS, BadImage, normalize_image
-from sharegpt4v.data.shards import ShardWriter, iter_shard, prepare_output, put_jsonl, write_manifest
+from sharegpt4v.data.shards import (
+    ShardWriter,
+    iter_shard,
+    prepare_output,
+    put_jsonl,
+    write_manifest,
+)
+from sharegpt4v.errors import PlatformError
 
 KINDS = ("auto", "folder", "wds", "json")
 

@@ -97,7 +97,13 @@ def materialize(uri: str, require_manifest: bool = False, verify: bool = True) -
     the listing when there is none, changes), every file checked against the manifest's
     sha256 while downloading when there is one.
     """
-    from sharegpt4v.storage import IncompleteFolder, is_s3, json_bytes, open_store, sha256_stream
+    from sharegpt4v.storage import (
+        IncompleteFolder,
+        is_s3,
+        json_bytes,
+        open_store,
+        sha256_stream,
+    )
 
     if not is_s3(uri):
         folder = _local_path(uri)

@@ -4,8 +4,19 @@ From a seed it produces images, brief (COCO-like) and detailed (ShareGPT4V-like)
 VQA items, and it scores any caption by the facts it states (recall, hallucinations).
 """
 
-from sharegpt4v.world.facts import FACT_KINDS, CaptionScore, extract_facts, is_true, scene_facts, score_caption
-from sharegpt4v.world.language import adjacent_relations, brief_caption, detailed_caption
+from sharegpt4v.world.facts import (
+    FACT_KINDS,
+    CaptionScore,
+    extract_facts,
+    is_true,
+    scene_facts,
+    score_caption,
+)
+from sharegpt4v.world.language import (
+    adjacent_relations,
+    brief_caption,
+    detailed_caption,
+)
 from sharegpt4v.world.render import encode_png, render_scene
 from sharegpt4v.world.sample import WorldSample, make_sample, split_of
 from sharegpt4v.world.scene import Scene, WorldObject, sample_scene

@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from sharegpt4v import storage, tracking
-from sharegpt4v.storage import json_bytes
 from sharegpt4v.config import WorldConfig
 from sharegpt4v.data.shards import ShardWriter, prepare_output, write_manifest
+from sharegpt4v.storage import json_bytes
 from sharegpt4v.world.sample import SPLIT_ORDER, WorldSample, make_sample
 
 GENERATOR_VERSION = 1

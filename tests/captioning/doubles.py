@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import random
+import signal
+import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from sharegpt4v.captioning.records import BudgetExceeded, CaptionRequest, CaptionResult
 
@@ -40,3 +45,35 @@ class EchoCaptioner:
 
 def expected_caption(sha256: str) -> str:
     return f"an image whose digest starts with {sha256[:12]}"
+
+
+def kill_at_random_moments(start: Callable[[], subprocess.Popen], out: Path, kills: int, seed: int) -> int:
+    """SIGKILL a captioning job `kills` times at random moments, then rerun it until it completes.
+
+    Each kill lands after the run has published something new (so the job is mid-shard,
+    mid-part, between a records file and its marker, or cleaning up). Returns the kill count.
+    """
+    rng = random.Random(seed)
+    done = 0
+
+    def published() -> int:
+        return sum(1 for p in out.rglob("*.jsonl") if not p.name.startswith("."))
+
+    for _ in range(kills + 10):
+        before = published()
+        proc = start()
+        if done < kills:
+            deadline = time.monotonic() + 60
+            while published() == before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.5))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                done += 1
+            proc.wait()
+            continue
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        if "complete" in stdout:
+            return done
+    raise AssertionError("the job never completed")

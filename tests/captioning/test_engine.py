@@ -17,7 +17,11 @@ from sharegpt4v.captioning.engine import (
     caption_prompt,
     make_captioner,
 )
-from sharegpt4v.captioning.records import CAPTION_INSTRUCTION, CaptionRequest, make_record
+from sharegpt4v.captioning.records import (
+    CAPTION_INSTRUCTION,
+    CaptionRequest,
+    make_record,
+)
 from sharegpt4v.config import load_recipe
 from sharegpt4v.modeling.builder import save_model
 from sharegpt4v.modeling.inference import InferenceEngine

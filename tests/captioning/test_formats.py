@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sharegpt4v.captioning.formats import FormatError, export_conversations, import_conversations
+from sharegpt4v.captioning.formats import (
+    FormatError,
+    export_conversations,
+    import_conversations,
+)
 from sharegpt4v.captioning.job import iter_caption_records, run_caption_job
 from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
 from sharegpt4v.config import WorldConfig

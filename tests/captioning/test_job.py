@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +21,11 @@ from sharegpt4v.captioning.job import (
 from sharegpt4v.config import WorldConfig
 from sharegpt4v.data.shards import open_dataset, sample_meta
 from sharegpt4v.world.generate import generate_world
-from tests.captioning.doubles import EchoCaptioner, expected_caption
+from tests.captioning.doubles import (
+    EchoCaptioner,
+    expected_caption,
+    kill_at_random_moments,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,35 +126,11 @@ _JOB = textwrap.dedent(
 )
 
 
-def _published(out: Path) -> int:
-    return sum(1 for p in out.rglob("*.jsonl") if not p.name.startswith("."))
-
-
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(world: str, tmp_path: Path) -> None:
     out = tmp_path / "captions"
-    rng = random.Random(1234)
-    kills = 0
-    for attempt in range(12):
-        before = _published(out)
-        proc = subprocess.Popen([sys.executable, "-c", _JOB, world, str(out)], stdout=subprocess.PIPE, text=True,
-                                cwd=Path(__file__).resolve().parents[2])
-        if kills < 5:
-            # Kill at a random moment after the job has started publishing: mid-shard, mid-part,
-            # between a records file and its marker, or during clean-up.
-            deadline = time.monotonic() + 60
-            while _published(out) == before and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.5))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            proc.wait()
-            continue
-        stdout, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0
-        if stdout.strip() == "complete":
-            break
-    assert kills == 5
+    start = lambda: subprocess.Popen([sys.executable, "-c", _JOB, world, str(out)], stdout=subprocess.PIPE,  # noqa: E731
+                                     stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert kill_at_random_moments(start, out, kills=5, seed=1234) == 5
     _check_exactly_once(world, str(out))
     assert list(storage.open_store(str(out)).list("parts")) == []
 

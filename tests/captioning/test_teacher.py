@@ -14,8 +14,18 @@ from typing import Any
 import pytest
 
 from sharegpt4v.captioning.prompts import teacher_prompt
-from sharegpt4v.captioning.records import BudgetExceeded, CaptionRequest, CaptionResult, make_record
-from sharegpt4v.captioning.teacher import TeacherClient, TeacherError, image_mime, is_refusal
+from sharegpt4v.captioning.records import (
+    BudgetExceeded,
+    CaptionRequest,
+    CaptionResult,
+    make_record,
+)
+from sharegpt4v.captioning.teacher import (
+    TeacherClient,
+    TeacherError,
+    image_mime,
+    is_refusal,
+)
 from sharegpt4v.captioning.teacher_sim import FAULT_KINDS, TeacherSim
 from sharegpt4v.config import TeacherConfig, WorldConfig
 from sharegpt4v.data.shards import open_dataset, sample_image, sample_meta

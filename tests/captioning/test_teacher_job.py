@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from sharegpt4v.captioning.teacher_sim import TeacherSim, world_caption_index
 from sharegpt4v.config import WorldConfig
 from sharegpt4v.data.shards import open_dataset, sample_meta
 from sharegpt4v.world.generate import generate_world
+from tests.captioning.doubles import kill_at_random_moments
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["teacher.backoff_base_s=0.01", "teacher.backoff_max_s=0.2", "teacher.timeout_s=1", "teacher.max_retries=8"]
@@ -99,26 +98,7 @@ def test_faults_lose_nothing_and_retries_show_in_mlflow(world: str, sim: Teacher
 
 def test_sigkill_at_random_moments_with_faults(world: str, sim: TeacherSim, tmp_path: Path) -> None:
     out = tmp_path / "seed"
-    rng = random.Random(99)
-    kills = 0
-    for _ in range(12):
-        before = sum(1 for _ in out.rglob("*.jsonl"))
-        proc = _caption(world, str(out), _env(sim))
-        if kills < 5:
-            deadline = time.monotonic() + 60
-            while sum(1 for _ in out.rglob("*.jsonl")) == before and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.4))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            proc.wait()
-            continue
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr
-        if "complete" in stdout:
-            break
-    assert kills == 5
+    assert kill_at_random_moments(lambda: _caption(world, str(out), _env(sim)), out, kills=5, seed=99) == 5
     _check(world, str(out))
 
 

@@ -8,13 +8,18 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from sharegpt4v.captioning.teacher_sim import FAULT_KINDS, IMAGE_PROMPT_TOKENS, REFUSAL_TEXT, Faults, TeacherSim
+from sharegpt4v.captioning.teacher_sim import (
+    FAULT_KINDS,
+    IMAGE_PROMPT_TOKENS,
+    REFUSAL_TEXT,
+    Faults,
+    TeacherSim,
+)
 from sharegpt4v.config import WorldConfig
 from sharegpt4v.data.shards import open_dataset, sample_image, sample_meta
 from sharegpt4v.world.generate import generate_world

@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 
-
 def _image(seed: int, size: tuple[int, int] = (48, 32)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "RGB")

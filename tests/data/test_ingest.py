@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from sharegpt4v import storage
-from sharegpt4v.storage import StoreError
 from sharegpt4v.config import IngestConfig
 from sharegpt4v.data.ingest import ingest
 from sharegpt4v.data.inspect import inspect_dataset
 from sharegpt4v.data.shards import open_dataset, sample_image, sample_meta
+from sharegpt4v.storage import StoreError
 from tests.data.messy import make_img2dataset_shards, make_llava_json, make_messy_folder
 
 

@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 from sharegpt4v.config import ModelConfig, load_recipe
 from sharegpt4v.modeling.builder import (

@@ -131,7 +131,15 @@ def test_labels_line_up_with_the_model_inputs() -> None:
 def _sentencepiece_style_tokenizer(legacy: bool) -> Any:
     """Llama-like tokenizers: "▁" marks word starts. legacy: llava-1.5-7b-hf's normalizer
     (Prepend "▁", Replace " " -> "▁"); otherwise a Metaspace pre-tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     from tests.modeling.fixtures import corpus

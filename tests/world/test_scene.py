@@ -8,7 +8,15 @@ from collections import Counter
 import pytest
 
 from sharegpt4v.config import WorldConfig
-from sharegpt4v.world import ART_STYLES, POSITIONS, STYLES, WORDS, Scene, WorldObject, sample_scene
+from sharegpt4v.world import (
+    ART_STYLES,
+    POSITIONS,
+    STYLES,
+    WORDS,
+    Scene,
+    WorldObject,
+    sample_scene,
+)
 
 
 def test_same_seed_and_index_give_the_same_scene(cfg):

@@ -7,7 +7,15 @@ import random
 import re
 from collections import Counter
 
-from sharegpt4v.world import COLOURS, POSITIONS, SHAPES, STYLES, Scene, WorldObject, vqa_items
+from sharegpt4v.world import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    STYLES,
+    Scene,
+    WorldObject,
+    vqa_items,
+)
 
 # How questions name cells, written out independently of the generator.
 CELLS = {
