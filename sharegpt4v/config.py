@@ -201,6 +201,14 @@ class StageConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
     max_grad_norm: float = 1.0
     save_every_steps: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2  # complete checkpoints kept besides the final one
+    # Which caption trains the stage when captions come from the synthetic world itself (no caption
+    # set given): the paper's point is detailed vs brief.
+    caption_field: Literal["detailed_caption", "brief_caption"] = "detailed_caption"
+    # SFT data mix by relative weight: world VQA conversations, caption conversations, and
+    # conversation records that came with the dataset (an ingested LLaVA JSON).
+    mix: dict[str, float] = dataclasses.field(default_factory=lambda: {"vqa": 1.0, "captions": 0.0, "conversations": 1.0})
+    max_samples: int | None = None  # use at most this many training samples (tiny runs, smoke tests)
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
@@ -216,6 +224,10 @@ class StageConfig:
             raise ValueError("vit_unfreeze_from: must be a layer index >= 0, or null for a frozen ViT")
         if not (self.train_llm or self.train_projector or self.vit_unfreeze_from is not None):
             raise ValueError("train_llm: nothing would train (LLM, projector and ViT all frozen)")
+        if set(self.mix) - {"vqa", "captions", "conversations"} or any(w < 0 for w in self.mix.values()):
+            raise ValueError("mix: weights >= 0 for vqa, captions and conversations")
+        if self.keep_checkpoints < 0 or (self.max_samples is not None and self.max_samples < 1):
+            raise ValueError("keep_checkpoints: must be >= 0 (and max_samples >= 1 when set)")
         return self
 
 
@@ -275,6 +287,27 @@ class TeacherConfig:
         return self
 
 
+@dataclass(config=_STRICT_KEYS)
+class EvalConfig:
+    """Evaluation: greedy, batched, with the paper's prompt suffixes."""
+
+    benchmarks: list[str] = dataclasses.field(default_factory=lambda: ["world-vqa"])
+    split: str = "test"  # synthetic-world split to evaluate on
+    batch_size: int = 32
+    max_new_tokens: int = 16  # answers are a word, a phrase or a letter
+    limit: int | None = None  # evaluate at most this many questions per benchmark
+    champion_metric: str = "world-vqa.overall"  # what promotion to champion compares
+    champion_threshold: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if self.batch_size < 1 or self.max_new_tokens < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError("batch_size: batch_size and max_new_tokens must be >= 1 (limit too, when set)")
+        if not self.benchmarks:
+            raise ValueError("benchmarks: name at least one benchmark")
+        return self
+
+
 def _default_stage(**kw: Any) -> Any:
     return dataclasses.field(default_factory=lambda: StageConfig(**kw))
 
@@ -294,6 +327,7 @@ class RecipeConfig:
     sft: StageConfig = _default_stage(template="vicuna_v1", image_aspect="pad")
     captioning: CaptioningConfig = dataclasses.field(default_factory=CaptioningConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RecipeConfig":
