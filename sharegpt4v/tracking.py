@@ -74,3 +74,88 @@ def log_dict(data: dict[str, Any], artifact_file: str) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.log_dict(data, artifact_file)
+
+
+# Model registry and lineage ------------------------------------------------------------------
+
+# Registered model per stage: what each stage's output is called in the MLflow registry.
+REGISTERED_MODELS = {
+    "captioner": "sharegpt4v-captioner",
+    "pretrain": "sharegpt4v-pretrained",
+    "sft": "sharegpt4v-chat",
+}
+
+
+def register_checkpoint(
+    stage: str,
+    checkpoint_uri: str,
+    run_id: str | None = None,
+    lineage: dict[str, str] | None = None,
+    aliases: tuple[str, ...] = ("candidate",),
+    description: str | None = None,
+) -> dict[str, str]:
+    """Register a stage's checkpoint (a folder or s3:// prefix with a manifest) as a model version.
+
+    `lineage` becomes version tags, e.g. `parent_model` ("sharegpt4v-pretrained/3"), `dataset`
+    (a shard manifest URI), `dataset_digest`, `captions` (a caption-set URI). Returns
+    {"name", "version", "uri"} where `uri` is `models:/<name>/<version>`.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name = REGISTERED_MODELS[stage]
+    try:
+        client.create_registered_model(name, description=f"ShareGPT4V recipe: {stage} stage output")
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+    tags = {"stage": stage, "checkpoint": checkpoint_uri, **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}
+    version = client.create_model_version(name, source=checkpoint_uri, run_id=run_id, tags=tags,
+                                          description=description)
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
+
+
+def promote(name: str, version: str, alias: str = "champion") -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def resolve_model(ref: str) -> tuple[str, dict[str, str]]:
+    """`models:/name@alias` or `models:/name/version` -> (checkpoint URI, {"name", "version"});
+    anything else is already a checkpoint URI (folder or s3:// prefix) and is returned as is."""
+    if not ref.startswith("models:/"):
+        return ref, {}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    body = ref[len("models:/") :]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, number = body.rsplit("/", 1)
+        version = client.get_model_version(name, number)
+    return version.source, {"name": name, "version": str(version.version)}
+
+
+def log_dataset(uri: str, digest: str, context: str, name: str | None = None) -> None:
+    """Record a dataset input of the active run (shard or caption-set manifest URI + digest)."""
+    if not tracking_enabled():
+        return
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if mlflow.active_run() is None:
+        return
+    with warnings.catch_warnings():  # a local path matches two equivalent local source types
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)  # S3 or local artifact source: recorded, never downloaded
+    mlflow.log_input(MetaDataset(source=source, name=name or uri.rstrip("/").rsplit("/", 1)[-1], digest=digest[:36]),
+                     context=context)

@@ -1,0 +1,58 @@
+"""MLflow tracking helpers: stage runs, registry versions with lineage, aliases, dataset inputs."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sharegpt4v import tracking
+
+
+def test_everything_is_a_no_op_without_tracking(monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.stage_run("x", {"a": 1}) as run:
+        assert run is None
+        tracking.log_metrics({"m": 1.0})
+        tracking.log_dataset("s3://b/data", "abc", "training")
+
+
+def test_nested_stage_runs_and_batched_metrics(mlflow_sqlite: str) -> None:
+    with tracking.stage_run("parent", {"p": 1}) as parent:
+        with tracking.stage_run("child", {"long": "x" * 10000}) as child:
+            tracking.log_metrics({"loss": 1.5, "lr": 0.1}, step=3)
+            tracking.log_dataset("s3://bucket/world/manifest.json", "f" * 64, "training", name="world")
+    client = MlflowClient(mlflow_sqlite)
+    got = client.get_run(child.info.run_id)
+    assert got.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert got.data.metrics == {"loss": 1.5, "lr": 0.1}
+    assert len(got.data.params["long"]) == 6000  # clipped to MLflow's limit, not rejected
+    (dataset_input,) = got.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "world" and dataset_input.dataset.digest == "f" * 36
+    assert "s3://bucket/world/manifest.json" in dataset_input.dataset.source
+    assert dataset_input.tags[0].value == "training"
+
+
+def test_register_versions_with_lineage_and_aliases(mlflow_sqlite: str) -> None:
+    with tracking.stage_run("pretrain", {}) as run:
+        first = tracking.register_checkpoint("pretrain", "s3://ckpt/pretrain/final", run.info.run_id,
+                                             lineage={"parent_model": "sharegpt4v-captioner/1", "dataset": "s3://d"})
+    second = tracking.register_checkpoint("pretrain", "s3://ckpt/pretrain-2/final")
+    assert (first["name"], first["version"], second["version"]) == ("sharegpt4v-pretrained", "1", "2")
+    client = MlflowClient(mlflow_sqlite)
+    version = client.get_model_version("sharegpt4v-pretrained", "1")
+    assert version.tags["lineage.parent_model"] == "sharegpt4v-captioner/1"
+    assert version.source == "s3://ckpt/pretrain/final" and version.run_id == run.info.run_id
+    # "candidate" moves to the newest; "champion" only by promotion
+    assert tracking.resolve_model("models:/sharegpt4v-pretrained@candidate") == (
+        "s3://ckpt/pretrain-2/final", {"name": "sharegpt4v-pretrained", "version": "2"})
+    tracking.promote("sharegpt4v-pretrained", "1")
+    assert tracking.resolve_model("models:/sharegpt4v-pretrained@champion")[0] == "s3://ckpt/pretrain/final"
+    assert tracking.resolve_model("models:/sharegpt4v-pretrained/2")[0] == "s3://ckpt/pretrain-2/final"
+    assert tracking.resolve_model("s3://plain/uri") == ("s3://plain/uri", {})
+
+
+def test_unknown_stage_is_refused(mlflow_sqlite: str) -> None:
+    with pytest.raises(KeyError):
+        tracking.register_checkpoint("distill", "s3://x")
+    mlflow.set_tracking_uri("")
