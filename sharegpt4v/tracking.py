@@ -20,13 +20,29 @@ def tracking_enabled() -> bool:
     return bool(os.environ.get("MLFLOW_TRACKING_URI"))
 
 
+def _mlflow() -> Any:
+    """mlflow, pointed at $MLFLOW_TRACKING_URI: the environment decides, not leftover global state."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def _client() -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None)
+
+
 @contextmanager
 def stage_run(run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[Any]:
     """Start (or nest under the active) MLflow run; yields the run, or None when tracking is off."""
     if not tracking_enabled():
         yield None
         return
-    import mlflow
+    mlflow = _mlflow()
 
     ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None, tags=tags) as run:
@@ -39,7 +55,7 @@ def ensure_experiment(name: str) -> str:
 
     Without a server, MLflow would put artifacts in ./mlruns of whatever folder it runs in.
     """
-    import mlflow
+    mlflow = _mlflow()
 
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -52,7 +68,7 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """One batched call for many metrics (a synchronous call costs ~50 ms)."""
     if not tracking_enabled():
         return
-    import mlflow
+    mlflow = _mlflow()
 
     if mlflow.active_run() is not None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -61,7 +77,7 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 def log_image(image: Any, artifact_file: str) -> None:
     if not tracking_enabled():
         return
-    import mlflow
+    mlflow = _mlflow()
 
     if mlflow.active_run() is not None:
         mlflow.log_image(image, artifact_file)
@@ -70,7 +86,7 @@ def log_image(image: Any, artifact_file: str) -> None:
 def log_dict(data: dict[str, Any], artifact_file: str) -> None:
     if not tracking_enabled():
         return
-    import mlflow
+    mlflow = _mlflow()
 
     if mlflow.active_run() is not None:
         mlflow.log_dict(data, artifact_file)
@@ -101,9 +117,7 @@ def register_checkpoint(
     {"name", "version", "uri"} where `uri` is `models:/<name>/<version>`.
     """
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
+    client = _client()
     name = REGISTERED_MODELS[stage]
     try:
         client.create_registered_model(name, description=f"ShareGPT4V recipe: {stage} stage output")
@@ -119,9 +133,7 @@ def register_checkpoint(
 
 
 def promote(name: str, version: str, alias: str = "champion") -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient().set_registered_model_alias(name, alias, version)
+    _client().set_registered_model_alias(name, alias, version)
 
 
 def resolve_model(ref: str) -> tuple[str, dict[str, str]]:
@@ -129,9 +141,7 @@ def resolve_model(ref: str) -> tuple[str, dict[str, str]]:
     anything else is already a checkpoint URI (folder or s3:// prefix) and is returned as is."""
     if not ref.startswith("models:/"):
         return ref, {}
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
+    client = _client()
     body = ref[len("models:/") :]
     if "@" in body:
         name, alias = body.split("@", 1)
@@ -148,7 +158,7 @@ def log_dataset(uri: str, digest: str, context: str, name: str | None = None) ->
         return
     import warnings
 
-    import mlflow
+    mlflow = _mlflow()
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
