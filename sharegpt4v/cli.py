@@ -191,12 +191,7 @@ def cmd_caption_import(args: argparse.Namespace) -> int:
 def cmd_caption_report(args: argparse.Namespace) -> int:
     from sharegpt4v.captioning.report import run_report, world_caption_sets
 
-    sets: dict[str, Any] = {}
-    for item in args.records:
-        name, sep, uri = item.partition("=")
-        if not sep or not name or not uri:
-            raise CommandError(f"--records {item!r}: expected NAME=URI")
-        sets[name] = uri
+    sets: dict[str, Any] = dict(_pairs(args.records, "--records"))
     if args.world_captions:
         if not args.input:
             raise CommandError("--world-captions needs --input (a synthetic world dataset)")
@@ -208,6 +203,57 @@ def cmd_caption_report(args: argparse.Namespace) -> int:
     for row in report["comparison"]:
         print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return 0
+
+
+def cmd_eval_run(args: argparse.Namespace) -> int:
+    from sharegpt4v import tracking
+    from sharegpt4v.evaluation import evaluate, flat_metrics
+
+    recipe = _recipe(args)
+    if args.benchmarks_only:
+        recipe.eval.benchmarks = [b.strip() for b in args.benchmarks_only.split(",") if b.strip()]
+    paths = dict(_pairs(args.benchmark, "--benchmark"))
+    checkpoint, version = tracking.resolve_model(args.model)
+    results = evaluate(checkpoint, recipe, dataset_uri=args.data, benchmark_paths=paths, out=args.out,
+                       model_id=args.model, progress=True)
+    metrics = flat_metrics(results)
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    if args.promote:
+        if not version:
+            raise CommandError("--promote needs --model models:/<name>/<version> or models:/<name>@<alias>")
+        metric, threshold = recipe.eval.champion_metric, recipe.eval.champion_threshold
+        if metric not in metrics:
+            raise CommandError(f"eval.champion_metric {metric!r} was not measured (have: {', '.join(metrics)})")
+        if metrics[metric] >= threshold:
+            tracking.promote(version["name"], version["version"])
+            print(f"promoted {version['name']}/{version['version']} to champion ({metric}={metrics[metric]:.4f} >= {threshold})")
+        else:
+            print(f"not promoted: {metric}={metrics[metric]:.4f} < eval.champion_threshold {threshold}")
+    return 0
+
+
+def cmd_eval_score(args: argparse.Namespace) -> int:
+    from sharegpt4v.evaluation import flat_metrics, score_answers
+
+    results = score_answers(args.benchmark, args.answers, args.path, args.split)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for key, value in flat_metrics({args.benchmark: results}).items():
+            print(f"{key}  {value:.4f}")
+    return 0
+
+
+def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise CommandError(f"{flag} {item!r}: expected NAME=VALUE")
+        pairs.append((name, value))
+    return pairs
 
 
 def _interrupt(*_: Any) -> None:
@@ -345,6 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-captions", action="store_true", help="add the world's own brief and detailed captions as references")
     p.add_argument("--samples", type=int, default=12)
     p.add_argument("--out", required=True, help="folder (local or s3://) for report.json, report.html and plots")
+
+    evaluation = sub.add_parser("eval", help="benchmarks").add_subparsers(dest="action", required=True)
+    p = add(evaluation, "run", cmd_eval_run, "answer and score the benchmarks of eval.benchmarks with a model")
+    p.add_argument("--model", required=True, help="checkpoint folder / s3:// prefix, or models:/<name>/<version|@alias>")
+    p.add_argument("--out", required=True, help="folder (local or s3://) for answers, results.json/.md/.png")
+    p.add_argument("--data", default=None, help="synthetic world dataset (for world-vqa)")
+    p.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
+                   help="folder of a benchmark as it ships: mme, mmbench, scienceqa, gqa, textvqa (repeat)")
+    p.add_argument("--benchmarks", dest="benchmarks_only", default=None,
+                   help="comma-separated benchmarks to run (default: eval.benchmarks of the recipe)")
+    p.add_argument("--promote", action="store_true",
+                   help="alias the registered version 'champion' if eval.champion_metric >= eval.champion_threshold")
+    _recipe_args(p)
+    p = add(evaluation, "score", cmd_eval_score, "score an answers file produced elsewhere (LLaVA answers JSONL / MMBench xlsx)")
+    p.add_argument("--benchmark", required=True, help="world-vqa, mme, mmbench, scienceqa, gqa or textvqa")
+    p.add_argument("--answers", required=True)
+    p.add_argument("--path", default=None, help="the benchmark's folder (MME: its ground truth; world-vqa: the dataset)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--json", action="store_true")
 
     teacher_sim = sub.add_parser("teacher-sim", help="synthetic teacher endpoint (a stand-in for the paid teacher)")
     p = add(teacher_sim.add_subparsers(dest="action", required=True), "serve", cmd_teacher_sim_serve,
