@@ -166,6 +166,7 @@ class ComputeConfig:
     gpus_per_node: int = 1  # processes per node (CPU processes for the tiny profile)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = False
+    zero_offload: bool = False  # ZeRO optimizer (and ZeRO-3 parameter) state in CPU memory: fits 7B on fewer GPUs
 
     @property
     def world_size(self) -> int:
@@ -201,6 +202,7 @@ class StageConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
     max_grad_norm: float = 1.0
     save_every_steps: int = 0  # 0: only at the end
+    log_every_steps: int = 10  # steps between MLflow metric batches
     keep_checkpoints: int = 2  # complete checkpoints kept besides the final one
     # Which caption trains the stage when captions come from the synthetic world itself (no caption
     # set given): the paper's point is detailed vs brief.
@@ -226,6 +228,8 @@ class StageConfig:
             raise ValueError("train_llm: nothing would train (LLM, projector and ViT all frozen)")
         if set(self.mix) - {"vqa", "captions", "conversations"} or any(w < 0 for w in self.mix.values()):
             raise ValueError("mix: weights >= 0 for vqa, captions and conversations")
+        if self.log_every_steps < 1:
+            raise ValueError("log_every_steps: must be >= 1")
         if self.keep_checkpoints < 0 or (self.max_samples is not None and self.max_samples < 1):
             raise ValueError("keep_checkpoints: must be >= 0 (and max_samples >= 1 when set)")
         return self

@@ -1,0 +1,83 @@
+"""Which parameters train in each stage; the last ViT layer (never reached with feature layer -2) stays frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sharegpt4v.config import load_recipe
+from sharegpt4v.modeling.builder import build_empty
+from sharegpt4v.training.data import Position, RawExample, caption_conversation, encode_examples
+from sharegpt4v.training.trainer import apply_freezing, used_vision_layers, vision_layers
+from tests.modeling.fixtures import png, tiny_model
+
+
+def _groups(names: list[str]) -> set[str]:
+    out = set()
+    for n in names:
+        if "vision_tower.encoder.layers." in n:
+            out.add("vit." + n.split("encoder.layers.")[1].split(".")[0])
+        elif "vision_tower" in n:
+            out.add("vit.other")
+        elif "multi_modal_projector" in n:
+            out.add("projector")
+        else:
+            out.add("llm")
+    return out
+
+
+def test_pretrain_trains_llm_projector_and_vit_except_its_last_layer() -> None:
+    recipe = load_recipe("tiny")
+    model, processor = tiny_model()
+    names = apply_freezing(model, recipe.pretrain)  # vit_unfreeze_from: 0, 4 layers, feature layer -2
+    assert used_vision_layers(model) == 3
+    assert _groups(names) == {"llm", "projector", "vit.0", "vit.1", "vit.2"}
+    assert not any(p.requires_grad for p in vision_layers(model)[3].parameters())
+    assert not model.model.vision_tower.embeddings.patch_embedding.weight.requires_grad
+    assert model.lm_head.weight.requires_grad and model.model.language_model.embed_tokens.weight.requires_grad
+
+    # one backward pass: every trainable parameter gets a gradient (DDP/ZeRO would fail on unused ones)
+    tok = processor.tokenizer
+    ex = RawExample("x", caption_conversation("a red square at the top"), png((48, 32), (200, 20, 20)), Position())
+    batch = encode_examples([ex, ex], tok, "plain", 64, 16, 32, "crop", tok.pad_token_id)
+    model.train()
+    model(**batch.model_inputs()).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert missing == []
+    assert all(p.grad is None for p in vision_layers(model)[3].parameters())
+
+
+def test_sft_and_captioner_keep_the_vit_frozen() -> None:
+    recipe = load_recipe("tiny")
+    for stage in (recipe.sft, recipe.captioner):
+        model, _ = tiny_model()
+        assert _groups(apply_freezing(model, stage)) == {"llm", "projector"}
+
+
+def test_projector_only_and_llm_only() -> None:
+    recipe = load_recipe("tiny")
+    model, _ = tiny_model()
+    only_projector = dataclasses.replace(recipe.pretrain, train_llm=False, vit_unfreeze_from=None)
+    assert _groups(apply_freezing(model, only_projector)) == {"projector"}
+    later_half = dataclasses.replace(recipe.pretrain, vit_unfreeze_from=2)
+    assert _groups(apply_freezing(model, later_half)) == {"llm", "projector", "vit.2"}
+
+
+def test_7b_pretrain_unfreezes_vit_layers_12_to_22() -> None:
+    recipe = load_recipe("a100-7b")
+    model = build_empty(recipe.model)  # on the meta device: shapes only
+    names = apply_freezing(model, recipe.pretrain)
+    assert _groups(names) == {"llm", "projector", *(f"vit.{i}" for i in range(12, 23))}
+    assert _groups(apply_freezing(model, recipe.sft)) == {"llm", "projector"}
+
+
+def test_nothing_trainable_is_refused() -> None:
+    recipe = load_recipe("tiny")
+    model, _ = tiny_model()
+    frozen = dataclasses.replace(recipe.sft, train_llm=False, train_projector=True)
+    object.__setattr__(frozen, "train_projector", False)  # bypass the config's own check
+    with pytest.raises(ValueError, match="nothing to train"):
+        apply_freezing(model, frozen)
+    assert torch.is_grad_enabled()
