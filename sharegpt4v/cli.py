@@ -205,6 +205,51 @@ def cmd_caption_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
+    if args.trainjob:
+        import yaml
+
+        from sharegpt4v.cluster import build_trainjob
+
+        if not args.image:
+            raise CommandError("--trainjob needs --image (the training image, pinned by tag or digest)")
+        job = build_trainjob(
+            args.stage, recipe, name=args.name or f"sharegpt4v-{args.stage}", image=args.image, data=args.data[0],
+            out=args.out, init=args.init, captions=args.captions, overrides=args.overrides, runtime=args.runtime,
+            namespace=args.namespace,
+        )
+        print(yaml.safe_dump(job, sort_keys=False), end="")
+        return 0
+    from sharegpt4v import storage, tracking
+    from sharegpt4v.training.data import StageInputs
+    from sharegpt4v.training.run import launch
+
+    init, parent = tracking.resolve_model(args.init) if args.init else (None, {})
+    inputs = StageInputs(list(args.data), captions=args.captions, split=args.split or None)
+    result = launch(args.stage, recipe, inputs, args.out, init=init, nproc=args.nproc, resume=not args.no_resume)
+    summary: dict[str, Any] = {"stage": args.stage, **result.to_dict()}
+    if tracking.tracking_enabled() and not args.no_register:
+        lineage = {
+            "parent_model": f"{parent['name']}/{parent['version']}" if parent else (init or "built from config"),
+            "dataset": ",".join(args.data),
+            "dataset_digest": ",".join(storage.manifest_digest(storage.open_store(d).read_manifest())[:16]
+                                       for d in args.data),
+        }
+        if args.captions:
+            lineage["captions"] = args.captions
+            lineage["captions_digest"] = storage.manifest_digest(storage.open_store(args.captions).read_manifest())[:16]
+        summary["registered"] = tracking.register_checkpoint(args.stage, result.checkpoint_uri, result.run_id, lineage)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{args.stage}: {result.steps} steps, final loss {result.final_loss:.4f}, {result.samples_seen} samples "
+              f"({result.flagged_samples} flagged) -> {result.checkpoint_uri}")
+        if "registered" in summary:
+            print(f"registered {summary['registered']['uri']} (alias: candidate)")
+    return 0
+
+
 def cmd_eval_run(args: argparse.Namespace) -> int:
     from sharegpt4v import tracking
     from sharegpt4v.evaluation import evaluate, flat_metrics
@@ -391,6 +436,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-captions", action="store_true", help="add the world's own brief and detailed captions as references")
     p.add_argument("--samples", type=int, default=12)
     p.add_argument("--out", required=True, help="folder (local or s3://) for report.json, report.html and plots")
+
+    train = sub.add_parser("train", help="train a stage and register its checkpoint in MLflow").add_subparsers(
+        dest="stage", required=True)
+    for stage, about in (("captioner", "the captioner on seed captions"), ("pretrain", "LMM pretraining on detailed captions"),
+                         ("sft", "instruction tuning (SFT) on the VQA/conversation mix")):
+        p = add(train, stage, cmd_train, f"train {about}, register the checkpoint (alias candidate)")
+        p.add_argument("--data", action="append", required=True, help="image dataset (repeat for several)")
+        p.add_argument("--captions", default=None,
+                       help="caption set (seed captions for the captioner, corpus captions for pretraining)")
+        p.add_argument("--init", default=None,
+                       help="start from this checkpoint or models:/<name>@<alias> (default: built from the recipe)")
+        p.add_argument("--out", required=True, help="checkpoint prefix (checkpoint-<step>/ and final/)")
+        p.add_argument("--split", default="train")
+        p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun); CPU: gloo")
+        p.add_argument("--no-resume", action="store_true", help="start over instead of resuming from the newest checkpoint")
+        p.add_argument("--no-register", action="store_true", help="do not register the checkpoint as a model version")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--trainjob", action="store_true", help="print a Kubeflow Trainer TrainJob for this run instead")
+        p.add_argument("--image", default=None, help="training image for --trainjob")
+        p.add_argument("--name", default=None, help="TrainJob name (default: sharegpt4v-<stage>)")
+        p.add_argument("--runtime", default="torch-distributed", choices=("torch-distributed", "deepspeed-distributed"))
+        p.add_argument("--namespace", default=None)
+        _recipe_args(p)
 
     evaluation = sub.add_parser("eval", help="benchmarks").add_subparsers(dest="action", required=True)
     p = add(evaluation, "run", cmd_eval_run, "answer and score the benchmarks of eval.benchmarks with a model")

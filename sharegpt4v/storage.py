@@ -263,6 +263,11 @@ class Store:
         return problems
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """Content id of a folder: sha256 of its canonical manifest (which lists every file's sha256)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 def json_bytes(obj: Any) -> bytes:
     """Canonical JSON (sorted keys, fixed separators): equal content gives equal bytes."""
     return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()

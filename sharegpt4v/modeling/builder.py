@@ -12,7 +12,6 @@ Weights load from safetensors only: pickle files are never opened.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -473,10 +472,10 @@ def load_model(
 
 def checkpoint_digest(uri: str) -> str:
     """A short id of a saved checkpoint's content: sha256 of its manifest's file list (nothing is downloaded)."""
-    from sharegpt4v.storage import IncompleteFolder, is_s3, open_store
+    from sharegpt4v.storage import IncompleteFolder, is_s3, manifest_digest, open_store
 
     try:
         manifest = open_store(uri if is_s3(uri) else str(_local_path(uri))).read_manifest()
     except IncompleteFolder:
         raise CheckpointError(f"{uri}: no {MANIFEST}; the checkpoint is incomplete or was not written by save_model") from None
-    return hashlib.sha256(json.dumps(manifest.get("files", []), sort_keys=True).encode()).hexdigest()[:12]
+    return manifest_digest({"files": manifest.get("files", [])})[:12]  # files only: metadata edits keep the id

@@ -35,6 +35,7 @@ import torch
 from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
 from sharegpt4v.modeling.images import to_tensor
 from sharegpt4v.modeling.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, SYSTEM_PROMPT, encode_conversation
+from sharegpt4v.storage import manifest_digest
 
 log = logging.getLogger("sharegpt4v.training")
 
@@ -176,10 +177,6 @@ def example_id(kind: int, item: int, sample_id: str, meta: dict[str, Any]) -> st
 
 
 # the index pass --------------------------------------------------------------------------------
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def load_caption_set(uri: str) -> tuple[dict[str, str], dict[str, Any]]:
