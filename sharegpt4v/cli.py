@@ -191,7 +191,7 @@ def cmd_caption_import(args: argparse.Namespace) -> int:
 def cmd_caption_report(args: argparse.Namespace) -> int:
     from sharegpt4v.captioning.report import run_report, world_caption_sets
 
-    sets: dict[str, Any] = dict(_pairs(args.records, "--records"))
+    sets: dict[str, Any] = dict(_pairs(args.records, "--records", "NAME=URI"))
     if args.world_captions:
         if not args.input:
             raise CommandError("--world-captions needs --input (a synthetic world dataset)")
@@ -257,7 +257,7 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     if args.benchmarks_only:
         recipe.eval.benchmarks = [b.strip() for b in args.benchmarks_only.split(",") if b.strip()]
-    paths = dict(_pairs(args.benchmark, "--benchmark"))
+    paths = dict(_pairs(args.benchmark, "--benchmark", "NAME=PATH"))
     checkpoint, version = tracking.resolve_model(args.model)
     results = evaluate(checkpoint, recipe, dataset_uri=args.data, benchmark_paths=paths, out=args.out,
                        model_id=args.model, progress=True)
@@ -291,12 +291,12 @@ def cmd_eval_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
+def _pairs(items: list[str], flag: str, shape: str) -> list[tuple[str, str]]:
     pairs = []
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
-            raise CommandError(f"{flag} {item!r}: expected NAME=VALUE")
+            raise CommandError(f"{flag} {item!r}: expected {shape}")
         pairs.append((name, value))
     return pairs
 

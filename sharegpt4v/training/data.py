@@ -35,7 +35,6 @@ import torch
 from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
 from sharegpt4v.modeling.images import to_tensor
 from sharegpt4v.modeling.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, SYSTEM_PROMPT, encode_conversation
-from sharegpt4v.storage import manifest_digest
 
 log = logging.getLogger("sharegpt4v.training")
 
@@ -193,7 +192,7 @@ def load_caption_set(uri: str) -> tuple[dict[str, str], dict[str, Any]]:
         else:
             errors[str(record.get("reason") or "empty")] += 1
     manifest = storage.open_store(uri).read_manifest()
-    info = {"uri": uri, "digest": manifest_digest(manifest), "ok": len(captions), "error": sum(errors.values()),
+    info = {"uri": uri, "digest": storage.manifest_digest(manifest), "ok": len(captions), "error": sum(errors.values()),
             "error_reasons": dict(sorted(errors.items()))}
     return captions, info
 
@@ -229,6 +228,7 @@ def _mix_targets(pools: dict[int, int], mix: dict[str, float], max_samples: int 
 
 def build_index(stage_name: str, stage: Any, inputs: StageInputs, seed: int = 0) -> DataIndex:
     """Stream the shards once and list this stage's examples (see module docstring)."""
+    from sharegpt4v import storage
     from sharegpt4v.data.shards import iter_shard, open_dataset
 
     captions, caption_info = (None, None)
@@ -255,7 +255,7 @@ def build_index(stage_name: str, stage: Any, inputs: StageInputs, seed: int = 0)
     for uri in inputs.data:
         dataset = open_dataset(uri)
         uris, used_split = _split_shards(dataset, inputs.split)
-        datasets.append({"uri": dataset.uri, "digest": manifest_digest(dataset.manifest), "shards": len(uris),
+        datasets.append({"uri": dataset.uri, "digest": storage.manifest_digest(dataset.manifest), "shards": len(uris),
                          "split": used_split})
         for shard_uri in uris:
             shards.append(shard_uri)
