@@ -250,6 +250,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment_ablation(args: argparse.Namespace) -> int:
+    from sharegpt4v.config import load_recipe
+    from sharegpt4v.experiments.ablation import (
+        ABLATION_OVERRIDES,
+        ARMS,
+        AblationPlan,
+        log_summary,
+        results_table,
+        run_ablation,
+    )
+
+    recipe = load_recipe(args.profile, [*ABLATION_OVERRIDES, *args.overrides])
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise CommandError(f"--arms: unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    plan = AblationPlan(out=args.out, images=args.images, arms=arms, seeds=seeds, lanes=args.lanes,
+                        warmup_steps=args.warmup_steps)
+    summary = run_ablation(recipe, plan)
+    log_summary(summary)
+    print(results_table(summary), end="")
+    print(f"{len(arms) * len(seeds)} runs in {summary['minutes']:.1f} min -> {args.out}/results.md")
+    return 0
+
+
 def cmd_eval_run(args: argparse.Namespace) -> int:
     from sharegpt4v import tracking
     from sharegpt4v.evaluation import evaluate, flat_metrics
@@ -459,6 +485,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runtime", default="torch-distributed", choices=("torch-distributed", "deepspeed-distributed"))
         p.add_argument("--namespace", default=None)
         _recipe_args(p)
+
+    experiment = sub.add_parser("experiment", help="experiments built from the stages").add_subparsers(
+        dest="action", required=True)
+    p = add(experiment, "ablation", cmd_experiment_ablation,
+            "the paper's ablation in miniature: brief vs detailed captions, full vs projector-only pretraining")
+    p.add_argument("--out", default=".local/ablation", help="folder (local or s3://) for the world, runs and results")
+    p.add_argument("--arms", default="A,B,C", help="comma-separated: A (brief), B (detailed), C (projector-only), none")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--lanes", type=int, default=2, help="runs in parallel (one per core)")
+    p.add_argument("--warmup-steps", type=int, default=300, help="text-only warm start of the language model")
+    _recipe_args(p)
 
     evaluation = sub.add_parser("eval", help="benchmarks").add_subparsers(dest="action", required=True)
     p = add(evaluation, "run", cmd_eval_run, "answer and score the benchmarks of eval.benchmarks with a model")

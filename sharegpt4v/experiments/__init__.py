@@ -1,0 +1,1 @@
+"""Experiments built from the stages: the paper's ablation in miniature."""
