@@ -37,6 +37,20 @@ def _client() -> Any:
 
 
 @contextmanager
+def experiment(name: str) -> Iterator[None]:
+    """Runs started inside the block go to experiment `name`; the previous choice comes back after."""
+    previous = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = previous
+
+
+@contextmanager
 def stage_run(run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[Any]:
     """Start (or nest under the active) MLflow run; yields the run, or None when tracking is off."""
     if not tracking_enabled():
@@ -158,14 +172,22 @@ def log_dataset(uri: str, digest: str, context: str, name: str | None = None) ->
         return
     import warnings
 
-    mlflow = _mlflow()
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
 
+    mlflow = _mlflow()
     if mlflow.active_run() is None:
         return
     with warnings.catch_warnings():  # a local path matches two equivalent local source types
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(uri)  # S3 or local artifact source: recorded, never downloaded
-    mlflow.log_input(MetaDataset(source=source, name=name or uri.rstrip("/").rsplit("/", 1)[-1], digest=digest[:36]),
-                     context=context)
+    dataset = MetaDataset(source=source, name=name or uri.rstrip("/").rsplit("/", 1)[-1], digest=digest[:36])
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as exc:
+        # Two runs logging the same new dataset at once race on its unique row (seen with sqlite);
+        # the loser's retry finds the row the winner wrote.
+        if "UNIQUE constraint" not in str(exc) and "already exists" not in str(exc).lower():
+            raise
+        mlflow.log_input(dataset, context=context)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -56,3 +58,30 @@ def test_unknown_stage_is_refused(mlflow_sqlite: str) -> None:
     with pytest.raises(KeyError):
         tracking.register_checkpoint("distill", "s3://x")
     mlflow.set_tracking_uri("")
+
+
+def test_dataset_logging_survives_a_concurrent_insert(mlflow_sqlite: str, monkeypatch) -> None:
+    """Two arms logging the same new dataset at once: the loser of the unique-row race retries."""
+    from mlflow.exceptions import MlflowException
+
+    real = mlflow.log_input
+    calls = []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with tracking.stage_run("arm", {}) as run:
+        tracking.log_dataset("s3://bucket/world/manifest.json", "a" * 64, "training")
+    assert len(calls) == 2
+    assert len(MlflowClient(mlflow_sqlite).get_run(run.info.run_id).inputs.dataset_inputs) == 1
+
+
+def test_experiment_scope_is_restored(monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "outer")
+    with tracking.experiment("inner"):
+        assert os.environ["MLFLOW_EXPERIMENT_NAME"] == "inner"
+    assert os.environ["MLFLOW_EXPERIMENT_NAME"] == "outer"

@@ -140,11 +140,11 @@ def _worker(job: tuple[dict[str, Any], str, int, str, str, str, int]) -> dict[st
     import torch
 
     torch.set_num_threads(threads)
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = EXPERIMENT
     result_store = storage.open_store(out)
     if result_store.exists("result.json"):  # a rerun after a kill keeps finished arms
         return result_store.get_json("result.json")
-    result = run_arm(recipe_from_dict(recipe_dict), arm, seed, world_uri, warm_uri, out)
+    with tracking.experiment(EXPERIMENT):
+        result = run_arm(recipe_from_dict(recipe_dict), arm, seed, world_uri, warm_uri, out)
     result_store.put_json("result.json", result)
     return result
 
@@ -152,7 +152,6 @@ def _worker(job: tuple[dict[str, Any], str, int, str, str, str, int]) -> dict[st
 def run_ablation(base: RecipeConfig, plan: AblationPlan, progress: bool = True) -> dict[str, Any]:
     from sharegpt4v.world.generate import generate_world
 
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = EXPERIMENT
     world_uri = f"{plan.out}/world"
     started = time.perf_counter()
     if not storage.open_store(world_uri).is_complete():
@@ -202,8 +201,7 @@ def log_summary(summary: dict[str, Any]) -> None:
     """The summary as one MLflow run of the ablation experiment (mean/std per arm and metric)."""
     if not tracking.tracking_enabled():
         return
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = EXPERIMENT
-    with tracking.stage_run("ablation-summary", {"arms": ",".join(summary["arms"])}):
+    with tracking.experiment(EXPERIMENT), tracking.stage_run("ablation-summary", {"arms": ",".join(summary["arms"])}):
         metrics = {}
         for arm, entry in summary["arms"].items():
             for key, value in entry["mean"].items():

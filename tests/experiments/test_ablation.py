@@ -53,8 +53,12 @@ def test_toy_ablation_end_to_end(tmp_path: Path, mlflow_sqlite: str) -> None:
     recipe = load_recipe("tiny", TOY)
     plan = AblationPlan(out=str(tmp_path / "ablation"), images=160, arms=("A", "B"), seeds=(0, 1), warmup_steps=5,
                         lanes=2)
+    import os
+
+    before = os.environ.get("MLFLOW_EXPERIMENT_NAME")
     summary = run_ablation(recipe, plan, progress=False)
     log_summary(summary)
+    assert os.environ.get("MLFLOW_EXPERIMENT_NAME") == before  # nothing leaks into later runs of this process
     assert set(summary["arms"]) == {"A", "B"}
     for entry in summary["arms"].values():
         assert sorted(entry["seeds"]) == [0, 1]
