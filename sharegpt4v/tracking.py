@@ -71,10 +71,15 @@ def ensure_experiment(name: str) -> str:
     """
     mlflow = _mlflow()
 
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
+    from mlflow.exceptions import MlflowException
+
+    if mlflow.get_experiment_by_name(name) is None:
         root = os.environ.get(ARTIFACT_ROOT_ENV)
-        mlflow.create_experiment(name, artifact_location=f"{root.rstrip('/')}/{name}" if root else None)
+        try:
+            mlflow.create_experiment(name, artifact_location=f"{root.rstrip('/')}/{name}" if root else None)
+        except MlflowException as exc:  # another process created it between our lookup and create
+            if "already exists" not in str(exc).lower():
+                raise
     return mlflow.set_experiment(name).experiment_id
 
 

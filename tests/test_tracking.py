@@ -85,3 +85,15 @@ def test_experiment_scope_is_restored(monkeypatch) -> None:
     with tracking.experiment("inner"):
         assert os.environ["MLFLOW_EXPERIMENT_NAME"] == "inner"
     assert os.environ["MLFLOW_EXPERIMENT_NAME"] == "outer"
+
+
+def test_experiment_created_meanwhile_by_another_process(mlflow_sqlite: str, monkeypatch) -> None:
+    real = mlflow.create_experiment
+
+    def lose_the_race(name, artifact_location=None):
+        real(name, artifact_location=artifact_location)  # the other process wins...
+        return real(name, artifact_location=artifact_location)  # ...and our create finds it taken
+
+    monkeypatch.setattr(mlflow, "create_experiment", lose_the_race)
+    experiment_id = tracking.ensure_experiment("raced")
+    assert MlflowClient(mlflow_sqlite).get_experiment_by_name("raced").experiment_id == experiment_id

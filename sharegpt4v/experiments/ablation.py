@@ -158,6 +158,8 @@ def run_ablation(base: RecipeConfig, plan: AblationPlan, progress: bool = True) 
         generate_world(world_uri, plan.images, 0, base.world, progress=progress)
     warm = {seed: warm_start(dataclasses.replace(base, seed=seed), world_uri, f"{plan.out}/warm-{seed}",
                              plan.warmup_steps) for seed in plan.seeds}
+    if tracking.tracking_enabled():
+        tracking.ensure_experiment(EXPERIMENT)  # once, before parallel lanes would race to create it
     threads = max(1, (os.cpu_count() or 2) // plan.lanes)
     jobs = [(base.to_dict(), arm, seed, world_uri, warm[seed], f"{plan.out}/runs/{arm}-seed-{seed}", threads)
             for seed in plan.seeds for arm in plan.arms]
