@@ -2,6 +2,9 @@
 
 Tracking is on when `MLFLOW_TRACKING_URI` is set (the demo and KFP's MLflow plugin set it);
 otherwise the helpers do nothing, so a stage runs the same in a notebook without MLflow.
+A run started with no active run in this process nests under `parent_run_id`, else under
+`$SHAREGPT4V_MLFLOW_PARENT_RUN_ID` (a pipeline's run, or a task's run for the processes it
+launches); `$MLFLOW_RUN_ID` (set by KFP's MLflow plugin) makes the first run resume that run.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 DEFAULT_EXPERIMENT = "sharegpt4v"
 ARTIFACT_ROOT_ENV = "SHAREGPT4V_MLFLOW_ARTIFACT_ROOT"
+PARENT_RUN_ENV = "SHAREGPT4V_MLFLOW_PARENT_RUN_ID"  # runs started without an active run nest under this one
 _MAX_PARAM_CHARS = 6000  # MLflow's limit for one param value
 
 
@@ -51,15 +55,21 @@ def experiment(name: str) -> Iterator[None]:
 
 
 @contextmanager
-def stage_run(run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """Start (or nest under the active) MLflow run; yields the run, or None when tracking is off."""
+def stage_run(run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None) -> Iterator[Any]:
+    """Start (or nest under the active) MLflow run; yields the run, or None when tracking is off.
+
+    With no active run, the new run nests under `parent_run_id` or `$SHAREGPT4V_MLFLOW_PARENT_RUN_ID`.
+    """
     if not tracking_enabled():
         yield None
         return
     mlflow = _mlflow()
 
     ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
-    with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None, tags=tags) as run:
+    active = mlflow.active_run() is not None
+    parent = None if active else (parent_run_id or os.environ.get(PARENT_RUN_ENV) or None)
+    with mlflow.start_run(run_name=run_name, nested=active, parent_run_id=parent, tags=tags) as run:
         mlflow.log_params({k: str(v)[:_MAX_PARAM_CHARS] for k, v in params.items()})
         yield run
 

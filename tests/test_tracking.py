@@ -97,3 +97,21 @@ def test_experiment_created_meanwhile_by_another_process(mlflow_sqlite: str, mon
     monkeypatch.setattr(mlflow, "create_experiment", lose_the_race)
     experiment_id = tracking.ensure_experiment("raced")
     assert MlflowClient(mlflow_sqlite).get_experiment_by_name("raced").experiment_id == experiment_id
+
+
+def test_runs_nest_under_a_parent_run_of_another_process(mlflow_sqlite: str, monkeypatch) -> None:
+    """A pipeline's run is created elsewhere: a task nests under it by argument, a launched process by env."""
+    client = MlflowClient(mlflow_sqlite)
+    experiment_id = tracking.ensure_experiment(tracking.DEFAULT_EXPERIMENT)
+    pipeline = client.create_run(experiment_id, run_name="pipeline").info.run_id
+    with tracking.stage_run("task", {}, parent_run_id=pipeline) as task:
+        with tracking.stage_run("stage", {}) as stage:  # the active run wins over the environment
+            pass
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, task.info.run_id)
+    with tracking.stage_run("rank0", {}) as launched:
+        pass
+    parent_of = {r: client.get_run(r).data.tags.get("mlflow.parentRunId")
+                 for r in (task.info.run_id, stage.info.run_id, launched.info.run_id)}
+    assert parent_of == {task.info.run_id: pipeline, stage.info.run_id: task.info.run_id,
+                         launched.info.run_id: task.info.run_id}
+    assert client.get_run(pipeline).info.status == "RUNNING"  # only its owner ends it
