@@ -312,6 +312,38 @@ class EvalConfig:
         return self
 
 
+@dataclass(config=_STRICT_KEYS)
+class ServingConfig:
+    """Triton serving of the captioner and the chat model (Python backend, dynamic batching).
+
+    `instance_kind` is what an exported repository asks for in the cluster (KIND_GPU); local
+    serving exports with KIND_CPU. Requests outside the limits get an error response of their own.
+    """
+
+    max_batch_size: int = 8  # requests (rows) Triton gathers into one model call
+    max_queue_delay_us: int = 20_000  # how long the dynamic batcher waits to fill a batch
+    instance_kind: Literal["KIND_GPU", "KIND_CPU"] = "KIND_GPU"
+    instance_count: int = 1  # model instances (per GPU for KIND_GPU)
+    max_new_tokens: int = 64  # default when a request sends no max_tokens
+    max_tokens_limit: int = 256  # a request's max_tokens must be within 1..this
+    temperature: float = 0.0  # default; 0 = greedy
+    max_prompt_chars: int = 4000  # prompt or all chat messages together
+    max_image_bytes: int = 20_000_000
+    streaming: bool = True  # also export `chat_stream`, a decoupled model that streams tokens (gRPC stream)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServingConfig":
+        if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0:
+            raise ValueError("max_batch_size: max_batch_size and instance_count must be >= 1, max_queue_delay_us >= 0")
+        if not 1 <= self.max_new_tokens <= self.max_tokens_limit:
+            raise ValueError("max_new_tokens: must be within 1..max_tokens_limit")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError("temperature: must be within [0, 2] (0 = greedy)")
+        if self.max_prompt_chars < 1 or self.max_image_bytes < 1:
+            raise ValueError("max_prompt_chars: max_prompt_chars and max_image_bytes must be >= 1")
+        return self
+
+
 def _default_stage(**kw: Any) -> Any:
     return dataclasses.field(default_factory=lambda: StageConfig(**kw))
 
@@ -332,6 +364,7 @@ class RecipeConfig:
     captioning: CaptioningConfig = dataclasses.field(default_factory=CaptioningConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RecipeConfig":

@@ -8,15 +8,59 @@ image does not decode gets an error result; the rest of its micro-batch still ru
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from PIL import Image
+from transformers.generation.streamers import BaseStreamer
 
 from sharegpt4v.modeling.builder import tokenizer_of
 from sharegpt4v.modeling.images import Aspect, to_tensor
 from sharegpt4v.modeling.templates import expand_image_tokens, image_token_id
+
+
+# Streaming hook: called with (request index, new text) as tokens are generated.
+OnText = Callable[[int, str], None]
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each row's new text to `on_text` while `model.generate` runs a micro-batch.
+
+    `generate` puts the prompt ids first, then one token per row per step; a row that has
+    finished gets padding. Text is decoded from all of a row's tokens so far and only the part
+    not yet handed out is passed on (a token can be half of a character or join a word).
+    """
+
+    def __init__(self, tokenizer: Any, rows: list[int], eos_id: int, on_text: OnText):
+        self.tokenizer, self.rows, self.eos_id, self.on_text = tokenizer, rows, eos_id, on_text
+        self.tokens: list[list[int]] = [[] for _ in rows]
+        self.sent = [""] * len(rows)
+        self.done = [False] * len(rows)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            if self.done[row]:
+                continue
+            if token == self.eos_id:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(token)
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            text = text.lstrip()
+            if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
+                self.on_text(self.rows[row], text[len(self.sent[row]) :])
+                self.sent[row] = text
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass
@@ -85,8 +129,13 @@ class InferenceEngine:
         do_sample: bool | None = None,
         temperature: float | None = None,
         repetition_penalty: float | None = None,
+        on_text: OnText | None = None,
     ) -> list[Generation]:
-        """One Generation per (image, prompt), in request order. Unset options come from captioning_cfg."""
+        """One Generation per (image, prompt), in request order. Unset options come from captioning_cfg.
+
+        `on_text(index, text)` streams: it gets each request's new text while its micro-batch
+        generates (greedy or sampling; not with beam search). The returned texts are complete.
+        """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         cfg = self.cfg
@@ -126,7 +175,10 @@ class InferenceEngine:
                     results[i] = Generation("", len(encoded[i]), 0, "error", "bad_image", str(exc))
             if not ready:
                 continue
-            outputs = self._generate_batch([encoded[i] for i in ready], torch.stack(pixels), options)
+            batch_options = options
+            if on_text is not None:  # model.generate hands each step's tokens to the streamer
+                batch_options = {**options, "streamer": _RowStreamer(self.tokenizer, ready, self.eos_id, on_text)}
+            outputs = self._generate_batch([encoded[i] for i in ready], torch.stack(pixels), batch_options)
             share = (time.perf_counter() - began) / len(ready)
             for i, generation in zip(ready, outputs):
                 generation.seconds = share

@@ -143,3 +143,34 @@ def generation_prompt(template: str, user_text: str, with_image: bool = True) ->
     if template == "plain":
         return (IMAGE_PLACEHOLDER if with_image else "") + user_text
     raise ValueError(f"template: unknown {template!r} (known: {', '.join(TEMPLATES)})")
+
+
+def chat_generation_prompt(template: str, turns: list[tuple[str, str]], with_image: bool = True) -> str:
+    """The inference prompt for a multi-turn chat: `(role, text)` turns, `user`/`assistant`
+    alternating, starting and ending with `user`; the model's answer continues it.
+
+    The layout is the one `encode_conversation` trains on: for vicuna_v1,
+    `SYSTEM USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:` (LLaVA-1.5's sep " ", sep2 "</s>").
+    The image placeholder goes into the first user turn.
+    """
+    if not turns or len(turns) % 2 == 0:
+        raise ValueError(f"chat: need user/assistant turns ending with a user turn, got {len(turns)} turns")
+    for i, (role, _) in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"chat turn {i}: expected role {expected!r}, got {role!r}")
+    if template == "plain":
+        if len(turns) != 1:
+            raise ValueError(f"template plain: takes one user turn, got {len(turns)} turns")
+        return generation_prompt(template, turns[0][1], with_image)
+    if template != "vicuna_v1":
+        raise ValueError(f"template: unknown {template!r} (known: {', '.join(TEMPLATES)})")
+    parts = []
+    for i in range(0, len(turns) - 1, 2):
+        human = f"{IMAGE_PLACEHOLDER}\n{turns[i][1]}" if (i == 0 and with_image) else turns[i][1]
+        prefix = f"{SYSTEM_PROMPT} " if i == 0 else ""
+        parts.append(f"{prefix}USER: {human} ASSISTANT: {turns[i + 1][1]}</s>")
+    last = turns[-1][1]
+    if len(turns) == 1:
+        return generation_prompt(template, last, with_image)
+    return "".join(parts) + f"USER: {last} ASSISTANT:"
