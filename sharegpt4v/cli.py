@@ -482,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trainjob", action="store_true", help="print a Kubeflow Trainer TrainJob for this run instead")
         p.add_argument("--image", default=None, help="training image for --trainjob")
         p.add_argument("--name", default=None, help="TrainJob name (default: sharegpt4v-<stage>)")
-        p.add_argument("--runtime", default="torch-distributed", choices=("torch-distributed", "deepspeed-distributed"))
+        p.add_argument("--runtime", default="torch-distributed",
+                       choices=("torch-distributed", "deepspeed-distributed", "sharegpt4v-deepspeed"),
+                       help="Trainer runtime (sharegpt4v-deepspeed: the platform's, from manifests/)")
         p.add_argument("--namespace", default=None)
         _recipe_args(p)
 

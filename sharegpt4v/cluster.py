@@ -27,7 +27,12 @@ SECRET_ENV: dict[str, list[tuple[str, bool]]] = {  # secret -> [(key, optional)]
 }
 
 TRAINER_API = "trainer.kubeflow.org/v1alpha1"
-RUNTIMES = ("torch-distributed", "deepspeed-distributed")
+# runtime -> its kind: Kubeflow Trainer's own cluster runtimes, and the platform's namespaced runtime
+# (manifests/base/trainer/trainingruntime.yaml: torchrun launcher, DeepSpeed inside, non-root, A100 nodes).
+DEEPSPEED_RUNTIME = "sharegpt4v-deepspeed"
+RUNTIME_KINDS = {"torch-distributed": "ClusterTrainingRuntime", "deepspeed-distributed": "ClusterTrainingRuntime",
+                 DEEPSPEED_RUNTIME: "TrainingRuntime"}
+RUNTIMES = tuple(RUNTIME_KINDS)
 _TRAINER_CONTAINER = "node"  # the container name the Trainer runtimes give the training process
 
 
@@ -70,14 +75,15 @@ def build_trainjob(
 ) -> dict[str, Any]:
     """A TrainJob running `stage` on `compute.num_nodes` x `compute.gpus_per_node` GPUs.
 
-    `torch-distributed` launches the trainer with torchrun (the runtime sets its PET_* rendezvous
-    variables); `deepspeed-distributed` launches it with mpirun over the runtime's MPI hostfile.
+    `torch-distributed` and `sharegpt4v-deepspeed` (the platform's namespaced TrainingRuntime) launch
+    the trainer with torchrun (the runtime sets its PET_* rendezvous variables);
+    `deepspeed-distributed` launches it with mpirun over the runtime's MPI hostfile.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     compute = recipe.compute
     args = training_args(stage, recipe, data, out, init, captions, overrides)
-    if runtime == "torch-distributed":
+    if runtime != "deepspeed-distributed":
         command = ["torchrun", "-m", "sharegpt4v.training.run", *args]
     else:
         command = ["mpirun", "--hostfile", "/etc/mpi/hostfile", "-x", "PATH", "-x", "LD_LIBRARY_PATH",
@@ -99,7 +105,7 @@ def build_trainjob(
             "labels": {"app.kubernetes.io/part-of": "sharegpt4v", "sharegpt4v/stage": stage},
         },
         "spec": {
-            "runtimeRef": {"name": runtime, "kind": "ClusterTrainingRuntime", "apiGroup": "trainer.kubeflow.org"},
+            "runtimeRef": {"name": runtime, "kind": RUNTIME_KINDS[runtime], "apiGroup": "trainer.kubeflow.org"},
             "trainer": {
                 "image": image,
                 "command": command,
@@ -126,4 +132,185 @@ def build_trainjob(
                 }
             ],
         },
+    }
+
+
+# Platform namespace, images, in-cluster endpoints ------------------------------------------
+
+NAMESPACE = "sharegpt4v"
+PART_OF = {"app.kubernetes.io/part-of": "sharegpt4v"}
+IMAGE_TAG = "0.1.0"  # = the project version in pyproject.toml (checked by a test)
+# Repository-less names: an overlay's `images:` (kustomize) or the deploy step's `image=` points them
+# at the registry the images were pushed to (images/README.md).
+TRAIN_IMAGE = f"sharegpt4v/train:{IMAGE_TAG}"
+SERVING_IMAGE = f"sharegpt4v/serving:{IMAGE_TAG}"
+MLFLOW_IMAGE = f"sharegpt4v/mlflow:{IMAGE_TAG}"
+
+MINIO_SERVICE, MINIO_PORT = "minio", 9000
+MINIO_ENDPOINT = f"{MINIO_SERVICE}.{NAMESPACE}.svc.cluster.local:{MINIO_PORT}"  # host:port, no scheme
+MLFLOW_SERVICE, MLFLOW_PORT = "mlflow", 5000
+MLFLOW_TRACKING_URI = f"http://{MLFLOW_SERVICE}.{NAMESPACE}.svc.cluster.local:{MLFLOW_PORT}"
+S3_REGION = "us-east-1"
+BUCKET = "sharegpt4v"  # data, caption sets, checkpoints, model repositories
+MLFLOW_BUCKET = "sharegpt4v-mlflow"  # MLflow artifacts (proxied by the MLflow server)
+PIPELINES_BUCKET = "sharegpt4v-pipelines"  # KFP pipeline root
+PIPELINE_ROOT = f"s3://{PIPELINES_BUCKET}/v2/artifacts"
+
+PIPELINE_RUNNER_SA = "sharegpt4v-pipeline-runner"  # runs the KFP pipelines; may create InferenceServices/TrainJobs
+
+
+# KServe: Triton ServingRuntime, the S3 ServiceAccount, InferenceServices ------------------
+
+KSERVE_API = "serving.kserve.io/v1beta1"
+KSERVE_RUNTIME_API = "serving.kserve.io/v1alpha1"
+TRITON_RUNTIME = "sharegpt4v-triton"
+KSERVE_SERVICE_ACCOUNT = "sharegpt4v-serving"  # its Secret is S3_SECRET, annotated for KServe
+TRITON_HTTP_PORT, TRITON_GRPC_PORT, TRITON_METRICS_PORT = 8080, 9000, 8002
+SERVING_UID = 1000  # the serving image's non-root user (images/serving/Dockerfile)
+SERVED_MODELS = ("captioner", "chat")
+
+
+def model_storage_uri(model: str, bucket: str = BUCKET) -> str:
+    """Where the exporter puts the Triton repository that serves `model` (KServe's storageUri)."""
+    return f"s3://{bucket}/serving/{model}"
+
+
+def inference_service_name(model: str) -> str:
+    return f"sharegpt4v-{model}"
+
+
+def kserve_s3_annotations(endpoint: str = MINIO_ENDPOINT, *, use_https: bool = False, region: str = S3_REGION,
+                          virtual_bucket: bool = False) -> dict[str, str]:
+    """The annotations KServe reads from a ServiceAccount's Secret to reach an S3 `storageUri`.
+
+    `endpoint` is host:port without a scheme; MinIO wants path-style requests (`virtual_bucket=False`).
+    """
+    if "://" in endpoint:
+        raise ValueError(f"endpoint {endpoint!r}: host:port without a scheme (set use_https instead)")
+    return {
+        "serving.kserve.io/s3-endpoint": endpoint,
+        "serving.kserve.io/s3-usehttps": "1" if use_https else "0",
+        "serving.kserve.io/s3-region": region,
+        "serving.kserve.io/s3-usevirtualbucket": "1" if virtual_bucket else "0",
+        "serving.kserve.io/s3-useanoncredential": "false",
+    }
+
+
+def build_kserve_service_account(name: str = KSERVE_SERVICE_ACCOUNT, *, secret: str = S3_SECRET,
+                                 namespace: str | None = NAMESPACE) -> dict[str, Any]:
+    """The ServiceAccount an InferenceService runs as: KServe takes S3 credentials from its Secret.
+
+    The Secret itself (keys AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, annotations from
+    `kserve_s3_annotations()`) is generated from a local env file, never from values in the repo.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, **({"namespace": namespace} if namespace else {}), "labels": dict(PART_OF)},
+        "secrets": [{"name": secret}],
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_serving_runtime(name: str = TRITON_RUNTIME, *, image: str = SERVING_IMAGE, namespace: str | None = NAMESPACE,
+                          cpu: str = "1", memory: str = "4Gi") -> dict[str, Any]:
+    """A namespaced Triton ServingRuntime (protocol v2, model format `triton`) on the project's serving image.
+
+    The image is NVIDIA's Triton plus the project's inference dependencies, which the repositories'
+    Python-backend `model.py` files import. Resources here are defaults; each InferenceService sets its own.
+    """
+    return {
+        "apiVersion": KSERVE_RUNTIME_API,
+        "kind": "ServingRuntime",
+        "metadata": {"name": name, **({"namespace": namespace} if namespace else {}), "labels": dict(PART_OF)},
+        "spec": {
+            "annotations": {"prometheus.kserve.io/port": str(TRITON_METRICS_PORT), "prometheus.kserve.io/path": "/metrics"},
+            "supportedModelFormats": [{"name": "triton", "version": "2", "autoSelect": True, "priority": 1}],
+            "protocolVersions": ["v2", "grpc-v2"],
+            "multiModel": False,
+            "containers": [{
+                "name": "kserve-container",
+                "image": image,
+                "args": ["tritonserver", "--model-store=/mnt/models", f"--http-port={TRITON_HTTP_PORT}",
+                         f"--grpc-port={TRITON_GRPC_PORT}", "--allow-http=true", "--allow-grpc=true"],
+                "ports": [{"containerPort": TRITON_HTTP_PORT, "name": "http1", "protocol": "TCP"}],
+                "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
+                "securityContext": {
+                    "runAsNonRoot": True, "runAsUser": SERVING_UID, "runAsGroup": SERVING_UID,
+                    "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                },
+            }],
+        },
+    }
+
+
+def build_inference_service(
+    name: str,
+    storage_uri: str,
+    *,
+    namespace: str | None = NAMESPACE,
+    service_account: str = KSERVE_SERVICE_ACCOUNT,
+    gpus: int = 1,
+    min_replicas: int = 1,
+    max_replicas: int = 1,
+    runtime: str = TRITON_RUNTIME,
+    cpu: str = "8",
+    memory: str = "64Gi",
+    shm_size: str = "16Gi",
+    gpu_product: str | None = A100_PRODUCT,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A KServe InferenceService serving the Triton repository at `storage_uri` (an `s3://` prefix).
+
+    KServe's storage initializer downloads the repository to /mnt/models with the credentials of
+    `service_account`'s Secret; the `runtime` ServingRuntime starts Triton on it (protocol v2). With
+    `gpus` > 0 the predictor asks for that many GPUs on a `gpu_product` node; with 0 it runs on CPU
+    (dev clusters, tiny models: export the repository with KIND_CPU). Ready when Triton's
+    /v2/health/ready answers, that is once every model in the repository has loaded.
+    """
+    if not storage_uri.startswith("s3://"):
+        raise ValueError(f"storage_uri {storage_uri!r}: an s3:// prefix holding a Triton model repository")
+    if gpus < 0 or min_replicas < 0 or max_replicas < max(min_replicas, 1):
+        raise ValueError(f"gpus={gpus}, min_replicas={min_replicas}, max_replicas={max_replicas}: "
+                         "need gpus >= 0 and max_replicas >= max(min_replicas, 1)")
+    requests: dict[str, str] = {"cpu": cpu, "memory": memory}
+    limits: dict[str, str] = {"memory": memory}
+    if gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    probe_get = {"path": "/v2/health/ready", "port": TRITON_HTTP_PORT}
+    predictor: dict[str, Any] = {
+        "serviceAccountName": service_account,
+        "minReplicas": min_replicas,
+        "maxReplicas": max_replicas,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": SERVING_UID, "runAsGroup": SERVING_UID,
+                            "fsGroup": SERVING_UID},
+        "model": {
+            "modelFormat": {"name": "triton"},
+            "protocolVersion": "v2",
+            "runtime": runtime,
+            "storageUri": storage_uri,
+            "resources": {"requests": requests, "limits": limits},
+            # Loading a 7B checkpoint takes minutes: the startup probe allows 30 min, then readiness takes over.
+            "startupProbe": {"httpGet": dict(probe_get), "periodSeconds": 10, "failureThreshold": 180},
+            "readinessProbe": {"httpGet": dict(probe_get), "periodSeconds": 10, "failureThreshold": 3},
+            "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": TRITON_HTTP_PORT},
+                              "periodSeconds": 30, "failureThreshold": 5},
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        },
+        # Triton's Python backend passes tensors through shared memory: the default 64 MB is too little.
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}],
+    }
+    if gpus and gpu_product:
+        predictor["nodeSelector"] = {GPU_PRODUCT_LABEL: gpu_product}
+        predictor["tolerations"] = [GPU_TOLERATION]
+    return {
+        "apiVersion": KSERVE_API,
+        "kind": "InferenceService",
+        "metadata": {
+            "name": name,
+            **({"namespace": namespace} if namespace else {}),
+            "labels": {**PART_OF, "app.kubernetes.io/component": "serving", **(labels or {})},
+        },
+        "spec": {"predictor": predictor},
     }
