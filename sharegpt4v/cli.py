@@ -372,6 +372,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_render(args: argparse.Namespace) -> int:
+    from sharegpt4v import deploy
+
+    if args.write or args.check:
+        manifests = Path(args.manifests)
+        if not (manifests / "base" / "kustomization.yaml").is_file():
+            raise CommandError(f"{manifests}: not the manifests/ folder (no base/kustomization.yaml)")
+        if args.check:
+            stale = [str(path) for path, text in deploy.manifest_files(manifests).items()
+                     if not path.is_file() or path.read_text() != text]
+            if stale:
+                raise CommandError(f"out of date (run `sharegpt4v deploy render --write`): {', '.join(stale)}")
+            return 0
+        for path in deploy.write_manifests(manifests):
+            print(f"wrote {path}")
+        return 0
+    uris = dict(_key_value(item, "--storage-uri") for item in args.storage_uri)
+    objects = deploy.render_deployment(args.profile, models=tuple(args.model or deploy.SERVED_MODELS),
+                                       storage_uris=uris, namespace=args.namespace,
+                                       **({"image": args.image} if args.image else {}))
+    print(deploy.to_yaml(objects), end="")
+    return 0
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise CommandError(f"{flag} {item!r}: expected MODEL=s3://...")
+    return key, value
+
+
+def cmd_deploy_apply(args: argparse.Namespace) -> int:
+    from sharegpt4v import deploy
+
+    obj = deploy.render_inference_service(args.model, args.profile, storage_uri=args.storage_uri,
+                                          namespace=args.namespace)
+    result = deploy.apply_inference_service(obj, dry_run=args.dry_run)
+    if not args.dry_run:
+        name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        print(f"InferenceService {namespace}/{name}: {result}", file=sys.stderr)
+        if args.wait:
+            status = deploy.wait_ready(name, namespace, timeout_s=args.timeout)
+            print(f"InferenceService {namespace}/{name}: ready at {status['url']}", file=sys.stderr)
+    return 0
+
+
 # parser -----------------------------------------------------------------------------------
 
 
@@ -534,6 +580,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(services, "up", cmd_services_up, "run local S3 (SeaweedFS) and MLflow on loopback until Ctrl-C")
     p.add_argument("--dir", default=".local/services")
     p.add_argument("--mlflow-server", action="store_true", help="run an MLflow server with S3 artifacts (default: sqlite file)")
+
+    deploy = sub.add_parser("deploy", help="KServe serving objects (manifests/, the pipeline's deploy step)").add_subparsers(
+        dest="action", required=True)
+    p = add(deploy, "render", cmd_deploy_render,
+            "print a profile's serving objects (Triton ServingRuntime, ServiceAccount, InferenceServices) as YAML")
+    p.add_argument("--profile", default="prod", choices=("dev", "prod"))
+    p.add_argument("--model", action="append", choices=("captioner", "chat"), help="only this model (repeat)")
+    p.add_argument("--storage-uri", action="append", default=[], metavar="MODEL=S3_URI",
+                   help="model repository of a model (default: s3://sharegpt4v/serving/<model>)")
+    p.add_argument("--namespace", default="sharegpt4v")
+    p.add_argument("--image", default=None, help="serving image of the ServingRuntime (default: sharegpt4v/serving:<version>)")
+    p.add_argument("--write", action="store_true", help="regenerate the generated files under --manifests instead")
+    p.add_argument("--check", action="store_true", help="exit 1 if the generated files under --manifests are out of date")
+    p.add_argument("--manifests", default="manifests", help="the repository's manifests/ folder")
+    p = add(deploy, "apply", cmd_deploy_apply,
+            "create or merge-patch a model's InferenceService (in-cluster config or kubeconfig)")
+    p.add_argument("--model", required=True, choices=("captioner", "chat"))
+    p.add_argument("--storage-uri", default=None, help="s3:// prefix of the Triton model repository")
+    p.add_argument("--profile", default="prod", choices=("dev", "prod"))
+    p.add_argument("--namespace", default="sharegpt4v")
+    p.add_argument("--dry-run", action="store_true", help="print the InferenceService and change nothing")
+    p.add_argument("--wait", action="store_true", help="wait until it is Ready")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds --wait waits")
     return parser
 
 

@@ -13,6 +13,7 @@ server, so the rest of the platform does not need it.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -143,7 +144,7 @@ def _api_client(kube_client: Any | None) -> Any:
         config.load_incluster_config()
     except config.ConfigException:
         try:
-            config.load_kube_config()
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # None: ~/.kube/config
         except (config.ConfigException, OSError) as exc:
             raise DeployError(f"no Kubernetes configuration (in-cluster or kubeconfig): {exc}") from None
     return client.ApiClient()

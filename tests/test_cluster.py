@@ -7,7 +7,15 @@ import json
 import jsonschema
 import pytest
 
-from sharegpt4v.cluster import GPU_RESOURCE, build_trainjob
+from sharegpt4v import cluster
+from sharegpt4v.cluster import (
+    GPU_RESOURCE,
+    build_inference_service,
+    build_kserve_service_account,
+    build_serving_runtime,
+    build_trainjob,
+    kserve_s3_annotations,
+)
 from sharegpt4v.config import load_recipe
 from tests.crds import validate
 
@@ -71,3 +79,62 @@ def test_invalid_objects_are_caught_by_the_schema() -> None:
 def test_unknown_runtime_is_refused() -> None:
     with pytest.raises(ValueError, match="torch-distributed"):
         _job("mpi-magic")
+
+
+def test_platform_runtime_is_a_namespaced_training_runtime() -> None:
+    job = _job(cluster.DEEPSPEED_RUNTIME)
+    validate(job)
+    assert job["spec"]["runtimeRef"]["kind"] == "TrainingRuntime"
+    assert job["spec"]["trainer"]["command"][:3] == ["torchrun", "-m", "sharegpt4v.training.run"]
+    assert _job("deepspeed-distributed")["spec"]["runtimeRef"]["kind"] == "ClusterTrainingRuntime"
+
+
+def test_inference_service_fits_the_kserve_crd() -> None:
+    isvc = build_inference_service("sharegpt4v-chat", "s3://sharegpt4v/serving/chat", gpus=2, min_replicas=1,
+                                   max_replicas=3, memory="80Gi")
+    validate(isvc)
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["modelFormat"] == {"name": "triton"} and model["protocolVersion"] == "v2"
+    assert model["runtime"] == cluster.TRITON_RUNTIME and model["storageUri"] == "s3://sharegpt4v/serving/chat"
+    assert model["resources"]["limits"] == {"memory": "80Gi", GPU_RESOURCE: "2"}
+    assert model["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": cluster.TRITON_HTTP_PORT}
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 3)
+    assert predictor["serviceAccountName"] == cluster.KSERVE_SERVICE_ACCOUNT
+    assert predictor["nodeSelector"] == {cluster.GPU_PRODUCT_LABEL: cluster.A100_PRODUCT}
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+    cpu = build_inference_service("x", "s3://b/p", gpus=0, namespace=None)
+    validate(cpu)
+    assert "nodeSelector" not in cpu["spec"]["predictor"] and "namespace" not in cpu["metadata"]
+    assert GPU_RESOURCE not in cpu["spec"]["predictor"]["model"]["resources"]["requests"]
+
+
+@pytest.mark.parametrize("kw", [dict(storage_uri="/local/repo"), dict(max_replicas=0), dict(min_replicas=3),
+                                dict(gpus=-1)])
+def test_inference_service_refuses_nonsense(kw: dict) -> None:
+    args = {"storage_uri": "s3://b/p", **kw}
+    with pytest.raises(ValueError):
+        build_inference_service("x", args.pop("storage_uri"), **args)
+
+
+def test_serving_runtime_and_service_account() -> None:
+    runtime = build_serving_runtime()
+    validate(runtime)
+    container = runtime["spec"]["containers"][0]
+    assert container["image"] == cluster.SERVING_IMAGE and not container["image"].endswith(":latest")
+    assert container["args"][:4] == ["tritonserver", "--model-store=/mnt/models", "--http-port=8080", "--grpc-port=9000"]
+    assert runtime["spec"]["supportedModelFormats"][0]["name"] == "triton" and "v2" in runtime["spec"]["protocolVersions"]
+    assert container["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["runAsUser"] == 1000
+    sa = build_kserve_service_account()
+    assert sa["secrets"] == [{"name": cluster.S3_SECRET}] and sa["metadata"]["namespace"] == cluster.NAMESPACE
+    assert "data" not in sa and "stringData" not in sa
+
+
+def test_kserve_s3_annotations() -> None:
+    annotations = kserve_s3_annotations()
+    assert annotations["serving.kserve.io/s3-endpoint"] == cluster.MINIO_ENDPOINT
+    assert annotations["serving.kserve.io/s3-usehttps"] == "0"
+    assert kserve_s3_annotations("s3.amazonaws.com", use_https=True, virtual_bucket=True)[
+        "serving.kserve.io/s3-usevirtualbucket"] == "1"
+    with pytest.raises(ValueError, match="without a scheme"):
+        kserve_s3_annotations("http://minio:9000")

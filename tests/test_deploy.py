@@ -1,0 +1,276 @@
+"""The deploy step: rendering the serving objects of a profile, and creating or merge-patching an
+InferenceService through the Kubernetes API (against a recording fake API server on loopback)."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sharegpt4v import cluster, deploy
+from sharegpt4v.cli import main
+from sharegpt4v.deploy import DeployError, apply_inference_service, render_deployment, render_inference_service
+from tests.crds import validate
+
+ISVCS = "/apis/serving.kserve.io/v1beta1/namespaces/{ns}/inferenceservices"
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+class FakeKubeApiServer:
+    """Test double of the Kubernetes API server for custom objects: objects by path, every request
+    recorded as (method, path, content type, body). GET on a missing object answers 404, POST creates
+    (409 if it exists), PATCH applies a JSON merge patch (415 for any other patch type). `fail`
+    maps a method to a status it answers instead."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, str, str | None, Any]] = []
+        self.fail: dict[str, int] = {}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _status(self, code: int, reason: str) -> None:
+                self._reply(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+                                   "code": code})
+
+            def _handle(self, method: str) -> None:
+                path = self.path.split("?")[0]
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                fake.requests.append((method, path, self.headers.get("Content-Type"), body))
+                if method in fake.fail:
+                    return self._status(fake.fail[method], "Forbidden")
+                if method == "GET":
+                    if path in fake.objects:
+                        return self._reply(200, fake.objects[path])
+                    return self._status(404, "NotFound")
+                if method == "POST":
+                    key = f"{path}/{body['metadata']['name']}"
+                    if key in fake.objects:
+                        return self._status(409, "AlreadyExists")
+                    fake.objects[key] = merge_patch(body, {"metadata": {"uid": "uid-1", "resourceVersion": "1"}})
+                    return self._reply(201, fake.objects[key])
+                if method == "PATCH":
+                    if self.headers.get("Content-Type") != "application/merge-patch+json":
+                        return self._status(415, "UnsupportedMediaType")
+                    if path not in fake.objects:
+                        return self._status(404, "NotFound")
+                    fake.objects[path] = merge_patch(fake.objects[path], body)
+                    return self._reply(200, fake.objects[path])
+                return self._status(405, "MethodNotAllowed")
+
+            def do_GET(self) -> None:
+                self._handle("GET")
+
+            def do_POST(self) -> None:
+                self._handle("POST")
+
+            def do_PATCH(self) -> None:
+                self._handle("PATCH")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeKubeApiServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def client(self) -> Any:
+        from kubernetes import client
+
+        configuration = client.Configuration()
+        configuration.host = self.url
+        return client.ApiClient(configuration)
+
+    def methods(self) -> list[str]:
+        return [method for method, *_ in self.requests]
+
+
+@pytest.fixture
+def api():
+    with FakeKubeApiServer() as server:
+        yield server
+
+
+def _isvc(uri: str = "s3://sharegpt4v/serving/chat-v1", **kw: Any) -> dict[str, Any]:
+    return render_inference_service("chat", "prod", storage_uri=uri, **kw)
+
+
+def test_creates_when_missing(api: FakeKubeApiServer) -> None:
+    obj = _isvc()
+    assert apply_inference_service(obj, dry_run=False, kube_client=api.client()) == "created"
+    path = ISVCS.format(ns=cluster.NAMESPACE)
+    assert api.methods() == ["GET", "POST"]
+    assert api.requests[0][1] == f"{path}/sharegpt4v-chat" and api.requests[1][1] == path
+    assert api.requests[1][3] == obj  # the object as rendered, nothing added or lost on the way
+    stored = api.objects[f"{path}/sharegpt4v-chat"]
+    assert stored["spec"]["predictor"]["model"]["storageUri"] == "s3://sharegpt4v/serving/chat-v1"
+
+
+def test_merge_patches_when_it_exists(api: FakeKubeApiServer) -> None:
+    client = api.client()
+    apply_inference_service(_isvc(), dry_run=False, kube_client=client)
+    key = f"{ISVCS.format(ns=cluster.NAMESPACE)}/sharegpt4v-chat"
+    api.objects[key]["metadata"]["annotations"] = {"owner": "someone-else"}  # set by another tool: kept
+    api.objects[key]["status"] = {"url": "http://chat"}
+    assert apply_inference_service(_isvc("s3://sharegpt4v/serving/chat-v2"), dry_run=False,
+                                   kube_client=client) == "patched"
+    method, path, content_type, body = api.requests[-1]
+    assert (method, path, content_type) == ("PATCH", key, "application/merge-patch+json")
+    assert body["spec"]["predictor"]["model"]["storageUri"] == "s3://sharegpt4v/serving/chat-v2"
+    stored = api.objects[key]
+    assert stored["spec"]["predictor"]["model"]["storageUri"] == "s3://sharegpt4v/serving/chat-v2"
+    assert stored["metadata"]["annotations"] == {"owner": "someone-else"} and stored["metadata"]["uid"] == "uid-1"
+    assert api.methods() == ["GET", "POST", "GET", "PATCH"]
+
+
+def test_dry_run_prints_yaml_and_calls_nothing(api: FakeKubeApiServer) -> None:
+    out = io.StringIO()
+    obj = _isvc()
+    assert apply_inference_service(obj, dry_run=True, kube_client=api.client(), out=out) == "dry-run"
+    assert api.requests == []
+    assert yaml.safe_load(out.getvalue()) == obj
+
+
+def test_api_errors_become_one_line_deploy_errors(api: FakeKubeApiServer) -> None:
+    api.fail["GET"] = 403
+    with pytest.raises(DeployError, match="sharegpt4v/sharegpt4v-chat: 403"):
+        apply_inference_service(_isvc(), dry_run=False, kube_client=api.client())
+    assert api.methods() == ["GET"]
+
+
+def test_refuses_other_kinds() -> None:
+    with pytest.raises(ValueError, match="InferenceService"):
+        apply_inference_service(cluster.build_kserve_service_account(), dry_run=True)
+
+
+def test_namespace_falls_back_to_the_pods_own(api: FakeKubeApiServer, tmp_path: Path, monkeypatch) -> None:
+    ns_file = tmp_path / "namespace"
+    ns_file.write_text("team-a\n")
+    monkeypatch.setattr(deploy, "SA_NAMESPACE_FILE", ns_file)
+    obj = _isvc(namespace=None)
+    assert "namespace" not in obj["metadata"]
+    apply_inference_service(obj, dry_run=False, kube_client=api.client())
+    assert api.requests[-1][1] == ISVCS.format(ns="team-a")
+    assert api.requests[-1][3]["metadata"]["namespace"] == "team-a"
+
+
+def test_wait_ready_reads_the_ready_condition(api: FakeKubeApiServer) -> None:
+    client = api.client()
+    apply_inference_service(_isvc(), dry_run=False, kube_client=client)
+    key = f"{ISVCS.format(ns=cluster.NAMESPACE)}/sharegpt4v-chat"
+    api.objects[key]["status"] = {"conditions": [{"type": "Ready", "status": "False", "reason": "RevisionMissing"}]}
+    with pytest.raises(DeployError, match="not ready after 0s: RevisionMissing"):
+        deploy.wait_ready("sharegpt4v-chat", kube_client=client, timeout_s=0)
+    api.objects[key]["status"] = {"url": "http://sharegpt4v-chat.sharegpt4v.example.com",
+                                  "conditions": [{"type": "Ready", "status": "True"}]}
+    status = deploy.wait_ready("sharegpt4v-chat", kube_client=client, timeout_s=5, poll_s=0.01)
+    assert status == {"ready": True, "url": "http://sharegpt4v-chat.sharegpt4v.example.com", "message": ""}
+
+
+def test_cli_applies_through_the_kubeconfig(api: FakeKubeApiServer, tmp_path: Path, monkeypatch, capsys) -> None:
+    from kubernetes import client
+
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+        "users": [{"name": "u", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    saved = client.Configuration.get_default_copy()
+    try:
+        rc = main(["deploy", "apply", "--model", "captioner", "--storage-uri", "s3://sharegpt4v/serving/cap-v3",
+                   "--profile", "dev"])
+    finally:
+        client.Configuration.set_default(saved)
+    assert rc == 0
+    assert api.methods() == ["GET", "POST"]
+    created = api.requests[1][3]
+    assert created == render_inference_service("captioner", "dev", storage_uri="s3://sharegpt4v/serving/cap-v3")
+    assert "sharegpt4v/sharegpt4v-captioner: created" in capsys.readouterr().err
+
+
+def test_cli_dry_run_and_render(capsys) -> None:
+    assert main(["deploy", "apply", "--model", "chat", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == render_inference_service("chat", "prod")
+    assert main(["deploy", "render", "--profile", "dev", "--storage-uri", "chat=s3://b/chat", "--image",
+                 "registry.example/sharegpt4v/serving:0.1.0"]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [o["kind"] for o in objects] == ["ServingRuntime", "ServiceAccount", "InferenceService", "InferenceService"]
+    assert objects[0]["spec"]["containers"][0]["image"] == "registry.example/sharegpt4v/serving:0.1.0"
+    assert objects[3]["spec"]["predictor"]["model"]["storageUri"] == "s3://b/chat"
+    assert main(["deploy", "render", "--storage-uri", "chat"]) == 1
+
+
+def test_cli_check_and_write_keep_the_manifests_in_step(tmp_path: Path, capsys) -> None:
+    import shutil
+
+    manifests = tmp_path / "manifests"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "manifests", manifests)
+    assert main(["deploy", "render", "--check", "--manifests", str(manifests)]) == 0
+    target = manifests / "overlays" / "prod" / "inferenceservices.yaml"
+    target.write_text(target.read_text().replace("maxReplicas: 8", "maxReplicas: 9"))
+    assert main(["deploy", "render", "--check", "--manifests", str(manifests)]) == 1
+    assert "inferenceservices.yaml" in capsys.readouterr().err
+    assert main(["deploy", "render", "--write", "--manifests", str(manifests)]) == 0
+    assert main(["deploy", "render", "--check", "--manifests", str(manifests)]) == 0
+    assert main(["deploy", "render", "--check", "--manifests", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("profile", sorted(deploy.PROFILES))
+def test_rendered_objects_validate_against_the_crds(profile: str) -> None:
+    objects = render_deployment(profile)
+    for obj in objects:
+        if obj["apiVersion"].startswith("serving.kserve.io/"):
+            validate(obj)
+    isvcs = [o for o in objects if o["kind"] == "InferenceService"]
+    assert [o["metadata"]["name"] for o in isvcs] == ["sharegpt4v-captioner", "sharegpt4v-chat"]
+    for isvc in isvcs:
+        model = isvc["spec"]["predictor"]["model"]
+        gpus = model["resources"]["limits"].get(cluster.GPU_RESOURCE)
+        assert (gpus == "1") == (profile == "prod")
+        assert model["storageUri"] == cluster.model_storage_uri(isvc["metadata"]["labels"]["sharegpt4v/model"])
+
+
+def test_unknown_profile_or_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="dev, prod"):
+        render_inference_service("chat", "staging")
+    with pytest.raises(ValueError, match="captioner, chat"):
+        render_inference_service("whisper", "prod")
