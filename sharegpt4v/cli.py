@@ -418,6 +418,102 @@ def cmd_deploy_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_refs(items: list[str]) -> dict[str, str]:
+    refs: dict[str, str] = {}
+    for item in items:
+        name, sep, ref = item.partition("=")
+        if not sep or not name or not ref:
+            raise CommandError(f"--model {item!r}: expected NAME=REF, e.g. chat=models:/sharegpt4v-chat@champion")
+        refs[name] = ref
+    return refs
+
+
+def cmd_serve_export(args: argparse.Namespace) -> int:
+    from sharegpt4v.serving.export import export_model_repository
+
+    result = export_model_repository(_model_refs(args.model), args.out, _recipe(args), kind=args.kind)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for name, info in result["models"].items():
+        version = f"{info['name']}/{info['version']}" if info.get("version") else info["checkpoint"]
+        print(f"{name}: {version} (checkpoint {info['checkpoint_digest']})")
+    print(f"model repository ({result['instance_kind']}): {result['uri']}  manifest digest {result['digest'][:12]}")
+    return 0
+
+
+def cmd_serve_local(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sharegpt4v.serving.triton import start_triton
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sharegpt4v-triton-"))
+    signal.signal(signal.SIGTERM, _interrupt)  # a pod's or a supervisor's SIGTERM stops it like Ctrl-C
+    try:
+        triton = start_triton(args.model_repo, workdir, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, timeout=args.timeout)
+    except KeyboardInterrupt:
+        print("sharegpt4v: stopped before the server was ready", file=sys.stderr)
+        return 130
+    with triton:
+        models = sorted(d.name for d in triton.repository.iterdir() if (d / "config.pbtxt").is_file())
+        print(f"Triton ready: HTTP {triton.http_url}  gRPC {triton.grpc_url}  models: {', '.join(models)}", flush=True)
+        print(f"log: {triton.log}; Ctrl-C stops it", flush=True)
+        try:
+            while triton.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopping Triton", flush=True)
+            return 0
+    raise CommandError(f"tritonserver exited with {triton.process.returncode}; see {triton.log}")
+
+
+def _client_call(args: argparse.Namespace) -> dict[str, Any]:
+    from sharegpt4v.serving import client
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise CommandError(f"{args.image}: no such image file")
+    image = path.read_bytes()
+    url = args.url or client.DEFAULT_URLS[args.protocol]
+    options = {"protocol": args.protocol, "host": args.host, "max_tokens": args.max_tokens,
+               "temperature": args.temperature, "timeout": args.timeout}
+    if args.model:
+        options["model"] = args.model
+    if args.action == "caption":
+        return client.caption(url, image, prompt=args.prompt, **options)
+    messages: list[dict[str, str]] = []
+    if args.history:
+        messages = json.loads(Path(args.history).read_text())
+        if not isinstance(messages, list):
+            raise CommandError(f"{args.history}: expected a JSON list of {{role, content}} messages")
+    messages.append({"role": "user", "content": args.question})
+    if args.stream:
+        if args.protocol != "grpc":
+            raise CommandError("--stream: token streaming uses gRPC; add --protocol grpc")
+        options.pop("protocol")
+        options.setdefault("model", "chat_stream")
+        final: dict[str, Any] = {}
+        for piece in client.stream_chat(url, image, messages, **options):
+            if "finish_reason" in piece:
+                final = piece
+            elif not args.json:
+                print(piece["text"], end="", flush=True)
+        if not args.json:
+            print()
+        return {**final, "streamed": True}
+    return client.chat(url, image, messages, **options)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    result = _client_call(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif not result.get("streamed"):
+        print(result["text"])
+    return 0
+
+
 # parser -----------------------------------------------------------------------------------
 
 
@@ -603,6 +699,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the InferenceService and change nothing")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds --wait waits")
+    serve = sub.add_parser("serve", help="Triton model repositories and local serving").add_subparsers(
+        dest="action", required=True)
+    p = add(serve, "export", cmd_serve_export,
+            "registered models -> a Triton model repository under an S3 prefix (or folder), manifest last")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=REF",
+                   help="served model (captioner or chat) = models:/<name>@<alias>, models:/<name>/<version> "
+                        "or a checkpoint URI (repeat)")
+    p.add_argument("--out", required=True, help="repository prefix, e.g. s3://sharegpt4v/serving/chat/")
+    p.add_argument("--kind", default=None, choices=("KIND_GPU", "KIND_CPU"),
+                   help="Triton instance kind (default: serving.instance_kind of the recipe)")
+    p.add_argument("--json", action="store_true")
+    _recipe_args(p)
+    p = add(serve, "local", cmd_serve_local,
+            "serve a model repository with the real Triton server (nvidia-pytriton wheel) on loopback until Ctrl-C")
+    p.add_argument("--model-repo", required=True, help="repository: s3:// prefix (downloaded first) or a folder")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--workdir", default=None, help="folder for the download and the server log (default: a temp folder)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+
+    client = sub.add_parser("client", help="call a served model over the V2 protocol (local Triton or KServe)")
+    client_sub = client.add_subparsers(dest="action", required=True)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=None, help="server base URL (default: http://127.0.0.1:8000, gRPC 127.0.0.1:8001)")
+        p.add_argument("--protocol", default="http", choices=("http", "grpc"))
+        p.add_argument("--host", default=None, help="virtual host behind an ingress (a KServe InferenceService's hostname)")
+        p.add_argument("--model", default=None, help="Triton model name (default: captioner / chat)")
+        p.add_argument("--max-tokens", type=int, default=None)
+        p.add_argument("--temperature", type=float, default=None)
+        p.add_argument("--timeout", type=float, default=120.0)
+        p.add_argument("--json", action="store_true", help="print text, finish reason and token counts as JSON")
+
+    p = add(client_sub, "caption", cmd_client, "a detailed caption of an image file")
+    p.add_argument("image")
+    p.add_argument("--prompt", default=None, help="instruction (default: the captioner's own)")
+    client_args(p)
+    p = add(client_sub, "chat", cmd_client, "ask the chat model a question about an image file")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--history", default=None, help="JSON file with earlier turns: [{role, content}, ...]")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (chat_stream model, gRPC)")
+    client_args(p)
     return parser
 
 
