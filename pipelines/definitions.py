@@ -1,0 +1,263 @@
+"""The ShareGPT4V pipelines: the end-to-end `sharegpt4v` and one per part.
+
+    sharegpt4v        data (synthetic world or ingest) -> seed captions (teacher) -> captioner ->
+                      corpus captioning (ParallelFor over shard groups, Collected fan-in) ->
+                      pretraining -> SFT -> evaluation -> If score >= threshold: champion, export,
+                      deploy
+    caption-corpus    caption a corpus with a trained captioner (fan-out / fan-in + report)
+    train-captioner   seed captions from the teacher, then the captioner
+    train-lmm         pretraining + SFT + evaluation (+ champion over the threshold)
+
+Every pipeline runs inside an ExitHandler: the first task creates the pipeline's MLflow run
+(KFP run id, parameters), the exit task marks it FINISHED or FAILED. Tasks get their resources,
+secrets, retries and caching from `components.resources`; outputs are content-keyed folders
+under `output_root`, so resubmitting a pipeline with the same parameters resumes its work.
+"""
+
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from kfp import dsl
+
+from components import stages as c
+from components.resources import cpu_task, gpu_task, light_task
+from sharegpt4v.cluster import A100_PRODUCT, NAMESPACE
+
+DEFAULT_ROOT = "s3://sharegpt4v/pipeline"
+DEFAULT_PROFILE = "a100-7b"
+
+
+@contextlib.contextmanager
+def tracked(pipeline: str, params: dict[str, Any], overrides: Any, experiment: Any, gpu_product: Any) -> Iterator[Any]:
+    """ExitHandler + the pipeline's MLflow run; yields the start task (its `gpu_node_selector` output
+    is the node selector of the GPU tasks)."""
+    finish = light_task(c.finish_run(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), display_name="mlflow: end run")
+    with dsl.ExitHandler(finish, name=f"{pipeline}-run"):
+        start = c.start_run(pipeline=pipeline, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, params=params, overrides=overrides,
+                            experiment=experiment, gpu_product=gpu_product)
+        light_task(start, display_name="mlflow: start run")
+        yield start
+
+
+# parts, shared by the pipelines ---------------------------------------------------------------------
+
+
+def data_part(source_uri: Any, source_kind: Any, out_root: str, world_images: Any, world_seed: Any, profile: Any,
+              overrides: Any) -> tuple[Any, Any]:
+    """(dataset URI, digest): ingest `source_uri`, or render a synthetic world when it is empty."""
+    with dsl.If(source_uri == "", name="synthetic-world"):
+        world = cpu_task(c.synthetic_world(out_root=out_root, images=world_images, seed=world_seed, profile=profile,
+                                           overrides=overrides), cache=True, retries=False)
+    with dsl.Else(name="ingest"):
+        ingested = cpu_task(c.ingest(source_uri=source_uri, out_root=out_root, kind=source_kind, source_name="",
+                                     profile=profile, overrides=overrides), cache=False, retries=False)
+    return (dsl.OneOf(world.outputs["uri"], ingested.outputs["uri"]),
+            dsl.OneOf(world.outputs["digest"], ingested.outputs["digest"]))
+
+
+def captioner_part(dataset_uri: Any, dataset_digest: Any, out_root: str, seed_split: Any, teacher_endpoint: Any,
+                   teacher_model: Any, teacher_budget_usd: Any, gpus: Any, selector: Any, profile: Any,
+                   overrides: Any) -> tuple[Any, Any]:
+    """(seed captions task, captioner task): the teacher's seed captions, the captioner trained on them."""
+    seed = cpu_task(c.seed_captions(dataset_uri=dataset_uri, out_root=f"{out_root}/captions", split=seed_split,
+                                    teacher_endpoint=teacher_endpoint, teacher_model=teacher_model,
+                                    budget_usd=teacher_budget_usd, profile=profile, overrides=overrides),
+                    cache=False, teacher=True, display_name="seed captions (teacher)")
+    captioner = gpu_task(c.train_captioner(dataset_uri=dataset_uri, dataset_digest=dataset_digest,
+                                           captions=seed.outputs["uri"], captions_digest=seed.outputs["digest"],
+                                           init="", out_root=f"{out_root}/models", gpus=gpus, profile=profile,
+                                           overrides=overrides),
+                         gpus, selector, size="train", cache=True, display_name="train captioner")
+    return seed, captioner
+
+
+def caption_corpus_part(dataset_uri: Any, dataset_digest: Any, model: Any, reference: Any, out_root: str, split: Any,
+                        groups: Any, gpus: Any, selector: Any, profile: Any, overrides: Any) -> Any:
+    """The merge task: corpus captioning fanned out over shard groups, fanned in with Collected."""
+    plan = light_task(c.shard_groups(dataset_uri=dataset_uri, dataset_digest=dataset_digest, model=model,
+                                     groups=groups), display_name="shard groups")
+    with dsl.ParallelFor(plan.output, name="caption-shard-groups") as job:
+        part = gpu_task(c.caption_shard_group(job=job, out_root=f"{out_root}/captions", split=split, gpus=gpus,
+                                              profile=profile, overrides=overrides),
+                        gpus, selector, size="caption", cache=True, display_name="caption shard group")
+    return cpu_task(c.merge_captions(dataset_uri=dataset_uri, split=split, groups=dsl.Collected(part.output),
+                                     reference=reference, report_root=f"{out_root}/reports"),
+                    cache=True, display_name="merge + report captions")
+
+
+def lmm_part(dataset_uri: Any, dataset_digest: Any, captions: Any, captions_digest: Any, base_model: Any,
+             out_root: str, train_gpus: Any, eval_gpus: Any, selector: Any, metric: Any, threshold: Any,
+             profile: Any, overrides: Any) -> tuple[Any, Any]:
+    """(SFT task, evaluation task): pretraining on the captioned corpus, SFT, evaluation, and the
+    champion alias when the score clears the threshold."""
+    pt = gpu_task(c.pretrain(dataset_uri=dataset_uri, dataset_digest=dataset_digest, captions=captions,
+                             captions_digest=captions_digest, init=base_model, out_root=f"{out_root}/models",
+                             gpus=train_gpus, profile=profile, overrides=overrides),
+                  train_gpus, selector, size="train", cache=True, display_name="pretrain")
+    tuned = gpu_task(c.sft(dataset_uri=dataset_uri, dataset_digest=dataset_digest, init=pt.outputs["model_uri"],
+                           out_root=f"{out_root}/models", gpus=train_gpus, profile=profile, overrides=overrides),
+                     train_gpus, selector, size="train", cache=True, display_name="sft")
+    ev = gpu_task(c.evaluate(model=tuned.outputs["model_uri"], model_digest=tuned.outputs["digest"],
+                             dataset_uri=dataset_uri, out_root=f"{out_root}/eval", metric=metric, gpus=eval_gpus,
+                             profile=profile, overrides=overrides),
+                  eval_gpus, selector, size="eval", cache=True, display_name="evaluate")
+    return tuned, ev
+
+
+def champion_part(tuned: Any, ev: Any, metric: Any, threshold: Any) -> Any:
+    return light_task(c.promote(model=tuned.outputs["model_uri"], results=ev.outputs["results"], metric=metric,
+                                threshold=threshold, alias="champion"), display_name="register champion")
+
+
+def serving_part(chat: Any, captioner: Any, out_root: str, kind: Any, serving_profile: Any, namespace: Any,
+                 dry_run: Any, profile: Any, overrides: Any) -> Any:
+    """Export both models as a Triton repository; create or patch the chat model's InferenceService."""
+    export = cpu_task(c.export_model_repository(chat_model=chat, captioner_model=captioner,
+                                                out_root=f"{out_root}/serving", kind=kind, profile=profile,
+                                                overrides=overrides),
+                      cache=False, display_name="export Triton repository")
+    return light_task(c.deploy(model="chat", storage_uri=export.outputs["uri"], serving_profile=serving_profile,
+                               namespace=namespace, dry_run=dry_run), display_name="deploy (KServe)")
+
+
+# pipelines ------------------------------------------------------------------------------------------
+
+
+@dsl.pipeline(name="sharegpt4v", description="ShareGPT4V end to end: seed captions -> captioner -> corpus captions "
+              "-> pretraining -> SFT -> evaluation -> champion + deploy")
+def sharegpt4v(
+    output_root: str = DEFAULT_ROOT,
+    source_uri: str = "",
+    source_kind: str = "auto",
+    world_images: int = 6000,
+    world_seed: int = 0,
+    profile: str = DEFAULT_PROFILE,
+    overrides: list = [],  # noqa: B006 - a pipeline parameter's default, compiled into the spec
+    teacher_endpoint: str = "",
+    teacher_model: str = "",
+    teacher_budget_usd: float = 0.0,
+    seed_split: str = "train",
+    corpus_split: str = "train",
+    shard_groups: int = 4,
+    base_model: str = "",
+    train_gpus: int = 8,
+    caption_gpus: int = 1,
+    eval_gpus: int = 1,
+    gpu_product: str = A100_PRODUCT,
+    champion_metric: str = "world-vqa.overall",
+    champion_threshold: float = 0.5,
+    export_kind: str = "KIND_GPU",
+    serving_profile: str = "prod",
+    deploy_namespace: str = NAMESPACE,
+    deploy_dry_run: bool = False,
+    mlflow_experiment: str = "sharegpt4v",
+):
+    """source_uri: images to ingest (folder, img2dataset shards, LLaVA JSON); empty: a synthetic world of
+    world_images. teacher_endpoint: OpenAI-compatible /v1 URL; empty: the teacher Secret; "synthetic": the
+    synthetic world's stand-in teacher. overrides: recipe overrides ["key.sub=value", ...]."""
+    params = {"output_root": output_root, "source_uri": source_uri, "world_images": world_images,
+              "world_seed": world_seed, "profile": profile, "teacher_endpoint": teacher_endpoint,
+              "teacher_model": teacher_model, "shard_groups": shard_groups, "base_model": base_model,
+              "train_gpus": train_gpus, "caption_gpus": caption_gpus, "gpu_product": gpu_product,
+              "champion_metric": champion_metric, "champion_threshold": champion_threshold,
+              "serving_profile": serving_profile, "deploy_dry_run": deploy_dry_run}
+    with tracked("sharegpt4v", params, overrides, mlflow_experiment, gpu_product) as start:
+        selector = start.outputs["gpu_node_selector"]
+        dataset_uri, dataset_digest = data_part(source_uri, source_kind, f"{output_root}/data", world_images, world_seed,
+                                                profile, overrides)
+        seed, captioner = captioner_part(dataset_uri, dataset_digest, output_root, seed_split, teacher_endpoint,
+                                         teacher_model, teacher_budget_usd, train_gpus, selector, profile, overrides)
+        merged = caption_corpus_part(dataset_uri, dataset_digest, captioner.outputs["model_uri"], seed.outputs["uri"],
+                                     output_root, corpus_split, shard_groups, caption_gpus, selector, profile,
+                                     overrides)
+        tuned, ev = lmm_part(dataset_uri, dataset_digest, merged.outputs["uri"], merged.outputs["digest"], base_model,
+                             output_root, train_gpus, eval_gpus, selector, champion_metric, champion_threshold,
+                             profile, overrides)
+        with dsl.If(ev.outputs["score"] >= champion_threshold, name="score-clears-threshold"):
+            champion = champion_part(tuned, ev, champion_metric, champion_threshold)
+            served = serving_part(tuned.outputs["model_uri"], captioner.outputs["model_uri"], output_root, export_kind,
+                                  serving_profile, deploy_namespace, deploy_dry_run, profile, overrides)
+            served.after(champion)
+
+
+@dsl.pipeline(name="caption-corpus", description="Caption a corpus with a trained captioner: shard groups in "
+              "parallel, one caption set, its quality report")
+def caption_corpus(
+    dataset_uri: str,
+    captioner: str = "models:/sharegpt4v-captioner@champion",
+    output_root: str = DEFAULT_ROOT,
+    split: str = "",
+    reference: str = "",
+    shard_groups: int = 4,
+    caption_gpus: int = 1,
+    gpu_product: str = A100_PRODUCT,
+    profile: str = DEFAULT_PROFILE,
+    overrides: list = [],  # noqa: B006
+    mlflow_experiment: str = "sharegpt4v",
+):
+    params = {"dataset_uri": dataset_uri, "captioner": captioner, "output_root": output_root, "split": split,
+              "shard_groups": shard_groups, "caption_gpus": caption_gpus, "gpu_product": gpu_product,
+              "profile": profile}
+    with tracked("caption-corpus", params, overrides, mlflow_experiment, gpu_product) as start:
+        info = light_task(c.dataset_digest(uri=dataset_uri), display_name="dataset digest")
+        caption_corpus_part(dataset_uri, info.output, captioner, reference, output_root, split, shard_groups,
+                            caption_gpus, start.outputs["gpu_node_selector"], profile, overrides)
+
+
+@dsl.pipeline(name="train-captioner", description="Seed captions from the teacher VLM, then the captioner")
+def train_captioner(
+    dataset_uri: str,
+    output_root: str = DEFAULT_ROOT,
+    seed_split: str = "train",
+    teacher_endpoint: str = "",
+    teacher_model: str = "",
+    teacher_budget_usd: float = 0.0,
+    train_gpus: int = 8,
+    gpu_product: str = A100_PRODUCT,
+    profile: str = DEFAULT_PROFILE,
+    overrides: list = [],  # noqa: B006
+    mlflow_experiment: str = "sharegpt4v",
+):
+    params = {"dataset_uri": dataset_uri, "output_root": output_root, "seed_split": seed_split,
+              "teacher_endpoint": teacher_endpoint, "teacher_model": teacher_model, "train_gpus": train_gpus,
+              "gpu_product": gpu_product, "profile": profile}
+    with tracked("train-captioner", params, overrides, mlflow_experiment, gpu_product) as start:
+        info = light_task(c.dataset_digest(uri=dataset_uri), display_name="dataset digest")
+        captioner_part(dataset_uri, info.output, output_root, seed_split, teacher_endpoint, teacher_model,
+                       teacher_budget_usd, train_gpus, start.outputs["gpu_node_selector"], profile, overrides)
+
+
+@dsl.pipeline(name="train-lmm", description="Pretraining on a captioned corpus, SFT, evaluation; champion over "
+              "the threshold")
+def train_lmm(
+    dataset_uri: str,
+    captions: str,
+    output_root: str = DEFAULT_ROOT,
+    base_model: str = "",
+    train_gpus: int = 8,
+    eval_gpus: int = 1,
+    gpu_product: str = A100_PRODUCT,
+    champion_metric: str = "world-vqa.overall",
+    champion_threshold: float = 0.5,
+    profile: str = DEFAULT_PROFILE,
+    overrides: list = [],  # noqa: B006
+    mlflow_experiment: str = "sharegpt4v",
+):
+    params = {"dataset_uri": dataset_uri, "captions": captions, "output_root": output_root, "base_model": base_model,
+              "train_gpus": train_gpus, "eval_gpus": eval_gpus, "gpu_product": gpu_product,
+              "champion_metric": champion_metric, "champion_threshold": champion_threshold, "profile": profile}
+    with tracked("train-lmm", params, overrides, mlflow_experiment, gpu_product) as start:
+        data = light_task(c.dataset_digest(uri=dataset_uri), display_name="dataset digest")
+        caps = light_task(c.dataset_digest(uri=captions), display_name="captions digest")
+        tuned, ev = lmm_part(dataset_uri, data.output, captions, caps.output, base_model, output_root, train_gpus,
+                             eval_gpus, start.outputs["gpu_node_selector"], champion_metric, champion_threshold,
+                             profile, overrides)
+        with dsl.If(ev.outputs["score"] >= champion_threshold, name="score-clears-threshold"):
+            champion_part(tuned, ev, champion_metric, champion_threshold)
+
+
+PIPELINES = {"sharegpt4v": sharegpt4v, "caption-corpus": caption_corpus, "train-captioner": train_captioner,
+             "train-lmm": train_lmm}
