@@ -514,6 +514,53 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline_compile(args: argparse.Namespace) -> int:
+    from pipelines import runner  # kfp stays out of the core package: imported only for this command
+
+    if args.check:
+        problems = runner.check_compiled()
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            return 1
+        print(f"pipelines: the compiled IR YAML under {runner.COMPILED_DIR} is up to date and valid")
+        return 0
+    for name, path in runner.compile_all().items():
+        print(f"{name} -> {path}")
+    return 0
+
+
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    from pipelines import runner
+
+    result = runner.run_local(Path(args.dir), images=args.images, seed=args.seed, profile=args.profile,
+                              overrides=args.overrides, shard_groups=args.shard_groups,
+                              champion_threshold=args.champion_threshold, extra=runner.parse_arguments(args.param))
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    print(f"world: {result['world']}")
+    print(f"caption sets: seed {result['caption_sets']['seed']}, corpus {result['caption_sets']['corpus']}")
+    for stage, model in result["models"].items():
+        print(f"{stage}: {model['model_uri']} ({model['checkpoint_uri']})")
+    print(f"evaluation: score {result['eval']['score']:.4f}; champion: {result['champion'] or 'not promoted'}")
+    if result["model_repository"]:
+        print(f"model repository: {result['model_repository']}")
+    print(f"pipeline run: MLflow {result['mlflow_run_id']}, KFP outputs {result['kfp_run']} "
+          f"({result['minutes']:.1f} min)")
+    return 0
+
+
+def cmd_pipeline_submit(args: argparse.Namespace) -> int:
+    from pipelines import runner
+
+    result = runner.submit(args.host, pipeline=args.pipeline, arguments=runner.parse_arguments(args.param),
+                           experiment=args.experiment, run_name=args.run_name, recurring=args.recurring,
+                           namespace=args.namespace)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 # parser -----------------------------------------------------------------------------------
 
 
@@ -671,6 +718,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-kinds", default="", help="comma-separated: 429,500,503,slow,malformed,short,refusal,truncated")
     p.add_argument("--latency-s", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+
+    pipeline = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, run locally, submit").add_subparsers(
+        dest="action", required=True)
+    p = add(pipeline, "compile", cmd_pipeline_compile, "compile the pipelines to IR YAML under pipelines/compiled/")
+    p.add_argument("--check", action="store_true", help="only check that the committed YAML is up to date and valid")
+    p = add(pipeline, "run", cmd_pipeline_run,
+            "run the end-to-end pipeline with kfp.local here, on embedded S3 + MLflow and a synthetic world")
+    p.add_argument("--local", action="store_true", required=True, help="run with kfp.local in this environment")
+    p.add_argument("--dir", default=".local/pipeline", help="working folder (S3 data, MLflow, KFP outputs)")
+    p.add_argument("--images", type=int, default=96, help="synthetic world size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-groups", type=int, default=2)
+    p.add_argument("--champion-threshold", type=float, default=0.0)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="another pipeline parameter")
+    p.add_argument("--json", action="store_true")
+    _recipe_args(p)
+    p = add(pipeline, "submit", cmd_pipeline_submit, "create a run (or a --recurring run) on a KFP endpoint")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
+    p.add_argument("--pipeline", default="sharegpt4v", help="sharegpt4v, caption-corpus, train-captioner or train-lmm")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="pipeline parameter (JSON values are parsed: numbers, true/false, lists)")
+    p.add_argument("--experiment", default="sharegpt4v")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--recurring", default=None, metavar="CRON",
+                   help="create a recurring run on this KFP cron schedule (6 fields, seconds first) instead")
+    p.add_argument("--namespace", default=None)
 
     services = sub.add_parser("services", help="embedded S3 and MLflow").add_subparsers(dest="action", required=True)
     p = add(services, "up", cmd_services_up, "run local S3 (SeaweedFS) and MLflow on loopback until Ctrl-C")
