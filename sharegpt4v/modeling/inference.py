@@ -20,7 +20,6 @@ from sharegpt4v.modeling.builder import tokenizer_of
 from sharegpt4v.modeling.images import Aspect, to_tensor
 from sharegpt4v.modeling.templates import expand_image_tokens, image_token_id
 
-
 # Streaming hook: called with (request index, new text) as tokens are generated.
 OnText = Callable[[int, str], None]
 

@@ -30,7 +30,7 @@ def _checkpoint_files(folder: Path) -> list[str]:
 
 def _clear_previous(store: Any) -> None:
     """Remove an earlier (complete or interrupted) repository at the prefix; refuse to touch anything else."""
-    from sharegpt4v.storage import MANIFEST_NAME, IncompleteFolder
+    from sharegpt4v.storage import MANIFEST_NAME, IncompleteFolder, LocalStore
 
     keys = [info.key for info in store.list()]
     if not keys:
@@ -49,6 +49,10 @@ def _clear_previous(store: Any) -> None:
     for key in keys:
         if key != MANIFEST_NAME:
             store.delete(key)
+    if isinstance(store, LocalStore):  # an empty model folder left behind would fail Triton's load
+        for folder in sorted((p for p in store.root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def export_model_repository(

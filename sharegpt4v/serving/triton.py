@@ -199,11 +199,13 @@ def start_triton(
     metrics_port: int | None = None,
     timeout: float = 180,
     log_verbose: int = 0,
+    extra_args: list[str] | tuple[str, ...] = (),
 ) -> LocalTriton:
     """Serve a model repository (local folder or `s3://` prefix) with the real Triton on loopback.
 
     Returns once `/v2/health/ready` answers 200 (every model loaded); raises `TritonError` with
     the server's log tail if it exits or does not become ready within `timeout` seconds.
+    `extra_args` go to `tritonserver` as they are (e.g. `--http-thread-count=16`).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +228,7 @@ def start_triton(
         "--strict-readiness=true",
         "--exit-timeout-secs=15",
         f"--log-verbose={log_verbose}",
+        *extra_args,
     ]
     log = workdir / "tritonserver.log"
     with open(log, "ab") as out:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -246,4 +247,11 @@ def test_chat_streams_tokens_over_grpc_from_the_decoupled_model(served: Served) 
     assert "".join(text).strip() == whole["text"]
     with pytest.raises(client.ServingClientError, match="image: not image bytes"):
         list(client.stream_chat(served.triton.grpc_url, b"plain text, not an image", "hi", max_tokens=TOKENS))
+    # The same stream as server-sent events from Triton's HTTP generate_stream endpoint (base64 image in JSON).
+    body = {"image": base64.b64encode(picture).decode(), "messages": json.dumps("Describe the picture."), "max_tokens": TOKENS}
+    request = urllib.request.Request(f"{served.triton.http_url}/v2/models/chat_stream/generate_stream",
+                                     data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = [json.loads(line[len("data: "):]) for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert "".join(e["text"] for e in events).strip() == whole["text"] and events[-1]["finish_reason"] == final["finish_reason"]
     assert httpclient.InferenceServerClient(served.triton.http_url.removeprefix("http://")).is_server_ready()

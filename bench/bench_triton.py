@@ -1,0 +1,125 @@
+"""Triton serving throughput: dynamic batching vs `max_batch_size` 1, with 16 concurrent clients.
+
+The same tiny captioner (random weights) is exported twice as a Triton repository (KIND_CPU,
+one instance): once with dynamic batching (`--max-batch`, `--delay-us` queue delay), once with
+`max_batch_size: 1`. Each is served by the real `tritonserver` from the nvidia-pytriton wheel;
+`--clients` threads, each with its own gRPC (or HTTP) connection, send `--requests` caption requests in all,
+each asking for `--tokens` new tokens. Printed: requests/s, tokens/s, p50/p99 latency, the ratio.
+
+Run: .venv/bin/python bench/bench_triton.py [--requests 64] [--clients 16] [--tokens 32] [--protocol grpc|http]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from bench.common import print_table  # noqa: E402
+from sharegpt4v.captioning.records import CAPTION_INSTRUCTION  # noqa: E402
+from sharegpt4v.config import WorldConfig, load_recipe  # noqa: E402
+from sharegpt4v.modeling.builder import build_tiny, count_parameters, save_model  # noqa: E402
+from sharegpt4v.modeling.templates import SYSTEM_PROMPT  # noqa: E402
+from sharegpt4v.modeling.tokenizer import train_tokenizer  # noqa: E402
+from sharegpt4v.serving import client  # noqa: E402
+from sharegpt4v.serving.export import export_model_repository  # noqa: E402
+from sharegpt4v.serving.triton import start_triton  # noqa: E402
+from sharegpt4v.world import make_sample  # noqa: E402
+
+
+def run_load(url: str, protocol: str, images: list[bytes], clients: int, tokens: int) -> dict[str, float]:
+    """`len(images)` requests from `clients` threads at once; latency per request, throughput overall."""
+    latencies: list[float] = []
+    completion = 0
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+    work = iter(range(len(images)))
+
+    def worker() -> None:
+        nonlocal completion
+        connection = client.connect(url, protocol)
+        start.wait()
+        while True:
+            with lock:
+                i = next(work, None)
+            if i is None:
+                break
+            began = time.perf_counter()
+            result = client.caption(url, images[i], protocol=protocol, max_tokens=tokens, client=connection)
+            elapsed = time.perf_counter() - began
+            assert result["text"], result
+            with lock:
+                latencies.append(elapsed)
+                completion += result["completion_tokens"]
+        connection.close()
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(worker) for _ in range(clients)]:
+            future.result()
+    seconds = time.perf_counter() - began
+    assert len(latencies) == len(images)
+    return {
+        "req/s": len(images) / seconds,
+        "tokens/s": completion / seconds,
+        "p50 ms": float(np.percentile(latencies, 50) * 1000),
+        "p99 ms": float(np.percentile(latencies, 99) * 1000),
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--delay-us", type=int, default=20_000)
+    parser.add_argument("--protocol", default="grpc", choices=("grpc", "http"))
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+
+    base = load_recipe("tiny")
+    samples = [make_sample(0, i, WorldConfig()) for i in range(max(300, args.requests))]
+    texts = [s.metadata["detailed_caption"] for s in samples] + [s.metadata["brief_caption"] for s in samples]
+    texts += [f"{SYSTEM_PROMPT} USER: {CAPTION_INSTRUCTION} ASSISTANT:"] * 20
+    tokenizer = train_tokenizer(texts, base.model.language.vocab_size)
+    model, processor = build_tiny(base.model, tokenizer, seed=0)
+    images = [s.image for s in samples[: args.requests]]
+    limit = max(args.tokens, base.serving.max_tokens_limit)
+
+    cases = (
+        (f"dynamic batching (max_batch_size {args.max_batch}, queue delay {args.delay_us} us)",
+         [f"serving.max_batch_size={args.max_batch}", f"serving.max_queue_delay_us={args.delay_us}"]),
+        ("max_batch_size 1", ["serving.max_batch_size=1", "serving.max_queue_delay_us=0"]),
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
+        save_model(model, processor, f"{tmp}/checkpoint")
+        for i, (name, overrides) in enumerate(cases):
+            recipe = load_recipe("tiny", [*overrides, "serving.streaming=false", f"serving.max_tokens_limit={limit}"])
+            repo = f"{tmp}/repo-{i}"
+            export_model_repository({"captioner": f"{tmp}/checkpoint"}, repo, recipe, kind="KIND_CPU")
+            with start_triton(repo, f"{tmp}/work-{i}") as triton:
+                url = triton.grpc_url if args.protocol == "grpc" else triton.http_url
+                run_load(url, args.protocol, images[: args.clients], args.clients, 4)  # warm-up
+                rows.append({"name": name, **run_load(url, args.protocol, images, args.clients, args.tokens)})
+    print(f"triton: {args.requests} caption requests from {args.clients} concurrent {args.protocol} clients, up to {args.tokens} new "
+          f"tokens each, tiny LLaVA ({count_parameters(model) / 1e6:.2f}M params), one KIND_CPU instance; "
+          f"cores {os.cpu_count()}, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after "
+          "(other processes skew CPU timings)")
+    print_table("Triton throughput: dynamic batching vs max_batch_size 1 (CPU)", rows, baseline="max_batch_size 1",
+                rate_key="req/s")
+
+
+if __name__ == "__main__":
+    main()
