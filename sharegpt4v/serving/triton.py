@@ -142,6 +142,14 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _first_failure(triton: "LocalTriton") -> str:
+    """`: <why>` from the first model that failed to load, as Triton logged it (one line for the CLI)."""
+    for line in triton.log_tail(200_000).splitlines():
+        if "failed to load" in line or "Invalid argument" in line:
+            return ": " + line.split('"', 1)[-1].rstrip('"').split("\\n")[0][:400]  # Triton escapes newlines
+    return ""
+
+
 @dataclass
 class LocalTriton:
     """A running tritonserver. Use as a context manager, or call `stop()`."""
@@ -241,11 +249,13 @@ def start_triton(
         while not _ready(triton.http_url):
             if proc.poll() is not None:
                 raise TritonError(
-                    f"tritonserver exited with {proc.returncode} while loading {model_repo}; log tail:\n{triton.log_tail()}"
+                    f"tritonserver exited with {proc.returncode} while loading {model_repo}{_first_failure(triton)} "
+                    f"(log: {log}); log tail:\n{triton.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 raise TritonError(
-                    f"tritonserver not ready after {timeout:.0f}s serving {model_repo}; log tail:\n{triton.log_tail()}"
+                    f"tritonserver not ready after {timeout:.0f}s serving {model_repo} (log: {log}); "
+                    f"log tail:\n{triton.log_tail()}"
                 )
             time.sleep(0.2)
     except BaseException:

@@ -255,3 +255,18 @@ def test_chat_streams_tokens_over_grpc_from_the_decoupled_model(served: Served) 
         events = [json.loads(line[len("data: "):]) for line in response.read().decode().splitlines() if line.startswith("data: ")]
     assert "".join(e["text"] for e in events).strip() == whole["text"] and events[-1]["finish_reason"] == final["finish_reason"]
     assert httpclient.InferenceServerClient(served.triton.http_url.removeprefix("http://")).is_server_ready()
+
+
+def test_a_model_that_cannot_load_fails_the_start_with_the_reason(tmp_path: Path) -> None:
+    from sharegpt4v.serving.repository import adapter, model_configs
+    from sharegpt4v.serving.triton import TritonError
+
+    repo = tmp_path / "repo"
+    (repo / "captioner" / "1").mkdir(parents=True)
+    (repo / "captioner" / "config.pbtxt").write_text(model_configs(recipe(), ["captioner"], kind="KIND_CPU")["captioner"])
+    (repo / "captioner" / "1" / "model.py").write_text(adapter("captioner").read_text())  # but no weights/
+    with pytest.raises(TritonError) as err:
+        start_triton(repo, tmp_path / "work", timeout=120)
+    first_line = str(err.value).splitlines()[0]
+    assert "tritonserver exited" in first_line and "captioner" in first_line and "weights: no such folder" in first_line
+    assert "log tail:" in str(err.value)
