@@ -135,6 +135,20 @@ def _looks_like_text(data: bytes) -> bool:
     return all(32 <= b < 127 or b in (9, 10, 13) for b in data[:4096])
 
 
+def _base64(data: bytes) -> bytes:
+    text = _DATA_URL.sub(b"", data.strip(), count=1)
+    if not _B64_TEXT.fullmatch(text):
+        raise RequestError("image: not image bytes, and not base64 either (characters outside the base64 alphabet)")
+    text = re.sub(rb"\s", b"", text)
+    try:
+        decoded = base64.b64decode(text, altchars=b"-_" if b"-" in text or b"_" in text else None, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f"image: not image bytes, and not valid base64 either ({exc})") from None
+    if not decoded:
+        raise RequestError("image: base64 text decodes to no bytes")
+    return decoded
+
+
 def decode_image(data: bytes, max_bytes: int) -> Any:
     """Raw image bytes or base64 -> an RGB PIL image; RequestError naming what is wrong otherwise."""
     from sharegpt4v.modeling.images import load_image
@@ -143,20 +157,17 @@ def decode_image(data: bytes, max_bytes: int) -> Any:
         raise RequestError("image: empty")
     if len(data) > max_bytes * 4 // 3 + 4:
         raise RequestError(f"image: {len(data)} bytes is over the limit of {max_bytes} bytes")
+    source = "bytes are"
     if _looks_like_text(data):
-        text = _DATA_URL.sub(b"", data.strip(), count=1)
-        if not _B64_TEXT.fullmatch(text):
-            raise RequestError("image: not image bytes, and not base64 either (characters outside the base64 alphabet)")
         try:
-            text = re.sub(rb"\s", b"", text)
-            data = base64.b64decode(text, altchars=b"-_" if b"-" in text or b"_" in text else None, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise RequestError(f"image: not image bytes, and not valid base64 either ({exc})") from None
-        if not data:
-            raise RequestError("image: base64 text decodes to no bytes")
-        source = "base64 text decodes to bytes that are"
-    else:
-        source = "bytes are"
+            data, source = _base64(data), "base64 text decodes to bytes that are"
+        except RequestError as not_base64:
+            if len(data) > max_bytes:
+                raise RequestError(f"image: {len(data)} bytes is over the limit of {max_bytes} bytes") from None
+            try:  # a few image formats are text themselves (plain PPM/PGM)
+                return load_image(data)
+            except ValueError:
+                raise not_base64 from None
     if len(data) > max_bytes:
         raise RequestError(f"image: {len(data)} bytes is over the limit of {max_bytes} bytes")
     try:

@@ -34,6 +34,8 @@ def test_image_raw_bytes_base64_and_data_url_decode_to_the_same_picture() -> Non
     for data in (IMAGE, b64, b"data:image/png;base64," + b64, base64.urlsafe_b64encode(IMAGE), b64 + b"\n"):
         image = decode_image(data, 10_000)
         assert image.size == (20, 12) and image.getpixel((0, 0)) == (200, 30, 30)
+    plain_ppm = b"P3\n2 1\n255\n200 30 30  0 0 255\n"  # an image format that is text itself
+    assert decode_image(plain_ppm, 10_000).getpixel((1, 0)) == (0, 0, 255)
 
 
 @pytest.mark.parametrize(
