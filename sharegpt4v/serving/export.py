@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sharegpt4v.serving.repository import EXPORTABLE, STREAM_MODEL, RepositoryError, adapter, model_configs
+from sharegpt4v.serving.repository import ADAPTER, EXPORTABLE, STREAM_MODEL, RepositoryError, model_configs
 
 REPOSITORY_KIND = "triton-model-repository"
 TAG_REPOSITORY = "serving.model_repository"
@@ -108,7 +108,7 @@ def export_model_repository(
         for rel in _checkpoint_files(folder):
             put(f"{name}/1/weights/{rel}", folder / rel)
     for name, text in configs.items():
-        put(f"{name}/1/model.py", adapter(name))
+        put_text(f"{name}/1/model.py", ADAPTER)
         put_text(f"{name}/config.pbtxt", text)
 
     instance_kind = kind or recipe.serving.instance_kind

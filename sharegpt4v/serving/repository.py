@@ -8,17 +8,16 @@
   manifest.json             (written last by the exporter: every file + sha256)
 ```
 
-`model.py` files are the thin adapters under the project's `serving/` folder; the config is
+`model.py` is one thin adapter (`ADAPTER`, committed as `serving/*/1/model.py`); the config is
 rendered from the recipe's `serving` section: `KIND_GPU` for the cluster, `KIND_CPU` locally,
 `max_batch_size`, `dynamic_batching { max_queue_delay_microseconds }`, and the model's settings
 (weights folder, template, generation defaults, limits) as `parameters`. The committed
-`serving/*/config.pbtxt` are this template rendered for the a100-7b profile (a test keeps them
-in sync; `python -m sharegpt4v.serving.repository` rewrites them).
+`serving/*/config.pbtxt` are this template rendered for the a100-7b profile (a test keeps them and
+the adapters in sync; `python -m sharegpt4v.serving.repository` rewrites them).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +58,71 @@ parameters [
 """
 
 
+# The model.py of every served model. Kept here as text (the core never imports Triton's
+# `triton_python_backend_utils`; the stub does, when it runs this file), so that an export works
+# wherever the package is installed; serving/*/1/model.py are its committed copies.
+ADAPTER = '''"""Triton Python-backend adapter: Triton tensors <-> `sharegpt4v.serving.engine.ServingEngine`.
+
+The same file serves `captioner`, `chat` and the decoupled `chat_stream`: the model's
+`parameters` (config.pbtxt) say what it is and where its weights are; request checks,
+prompts and generation all live in the core package. Written by the exporter from
+`sharegpt4v.serving.repository.ADAPTER` (`python -m sharegpt4v.serving.repository` rewrites
+the committed copies under serving/).
+"""
+
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from sharegpt4v.serving.engine import ServingEngine, device_for
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        device = device_for(args["model_instance_kind"], args["model_instance_device_id"])
+        self.engine = ServingEngine.load(version_dir, config.get("parameters", {}), device)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+
+    def _inputs(self, request):
+        tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.engine.input_names}
+        return {name: None if t is None else t.as_numpy() for name, t in tensors.items()}
+
+    @staticmethod
+    def _response(outputs=None, error=None):
+        if error is not None:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+
+    def execute(self, requests):
+        inputs = [self._inputs(r) for r in requests]
+        if not self.decoupled:
+            try:
+                replies = self.engine.infer(inputs)
+            except Exception as exc:  # an engine failure fails this batch, not the server
+                return [self._response(error=f"internal error: {type(exc).__name__}: {exc}") for _ in requests]
+            return [self._response(reply.outputs, reply.error) for reply in replies]
+        senders = [r.get_response_sender() for r in requests]
+        try:
+            replies = self.engine.stream(inputs, lambda i, outputs: senders[i].send(self._response(outputs)))
+            finals = [self._response(reply.outputs, reply.error) for reply in replies]
+        except Exception as exc:
+            finals = [self._response(error=f"internal error: {type(exc).__name__}: {exc}") for _ in requests]
+        for sender, final in zip(senders, finals):
+            sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
+
 class RepositoryError(PlatformError):
     pass
 
 
 def serving_dir() -> Path:
-    """The project's `serving/` folder (the adapters); `SHAREGPT4V_SERVING_DIR` overrides it."""
-    folder = Path(os.environ.get("SHAREGPT4V_SERVING_DIR") or Path(__file__).resolve().parents[2] / "serving")
-    if not (folder / "chat" / "1" / "model.py").is_file():
-        raise RepositoryError(
-            f"{folder}: no Triton adapters (chat/1/model.py); run from a checkout of the project "
-            "or set SHAREGPT4V_SERVING_DIR to its serving/ folder"
-        )
-    return folder
+    """The project's `serving/` folder, where the rendered configs and adapters are committed."""
+    return Path(__file__).resolve().parents[2] / "serving"
 
 
 def _quote(text: str) -> str:
@@ -147,30 +198,28 @@ def model_configs(
     return configs
 
 
-def adapter(name: str) -> Path:
-    """The `model.py` adapter of a served model."""
-    path = serving_dir() / name / "1" / "model.py"
-    if not path.is_file():
-        raise RepositoryError(f"{path}: no adapter for model {name!r}")
-    return path
-
-
 def committed_configs() -> dict[str, str]:
     from sharegpt4v.config import load_recipe
 
     return model_configs(load_recipe(COMMITTED_PROFILE))
 
 
-def write_committed_configs() -> list[Path]:
-    """Rewrite the committed `serving/<model>/config.pbtxt` (cluster settings of the a100-7b profile)."""
-    written = []
+def committed_files() -> dict[Path, str]:
+    """serving/<model>/config.pbtxt (cluster settings of the a100-7b profile) and serving/<model>/1/model.py."""
+    files = {}
     for name, text in committed_configs().items():
-        path = serving_dir() / name / "config.pbtxt"
+        files[serving_dir() / name / "config.pbtxt"] = text
+        files[serving_dir() / name / "1" / "model.py"] = ADAPTER
+    return files
+
+
+def write_committed_files() -> list[Path]:
+    for path, text in committed_files().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        written.append(path)
-    return written
+    return list(committed_files())
 
 
 if __name__ == "__main__":
-    for path in write_committed_configs():
+    for path in write_committed_files():
         print(path)

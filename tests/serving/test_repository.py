@@ -3,6 +3,7 @@ and an exporter that writes every file before the manifest and replaces an earli
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from sharegpt4v.errors import PlatformError
 from sharegpt4v.modeling.builder import save_model
 from sharegpt4v.serving.export import export_model_repository
 from sharegpt4v.serving.protocol import ServingOptions
-from sharegpt4v.serving.repository import RepositoryError, committed_configs, model_configs, serving_dir
+from sharegpt4v.serving.repository import ADAPTER, RepositoryError, committed_files, model_configs, serving_dir
 from tests.modeling.fixtures import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,20 +62,27 @@ def test_one_template_renders_cluster_and_local_configs() -> None:
         model_configs(tiny, ["detector"])
 
 
-def test_committed_configs_are_the_rendered_template() -> None:
-    stale = [name for name, text in committed_configs().items()
-             if (serving_dir() / name / "config.pbtxt").read_text() != text]
+def test_committed_configs_and_adapters_are_the_rendered_ones() -> None:
+    files = committed_files()
+    assert {p.relative_to(serving_dir()).as_posix() for p in files} == {
+        f"{m}/{f}" for m in ("captioner", "chat", "chat_stream") for f in ("config.pbtxt", "1/model.py")}
+    stale = [str(path) for path, text in files.items() if not path.is_file() or path.read_text() != text]
     assert not stale, f"run `python -m sharegpt4v.serving.repository` to rewrite {stale}"
 
 
-def test_adapters_are_thin_and_the_serving_folder_lints() -> None:
-    sources = {name: (serving_dir() / name / "1" / "model.py").read_text() for name in ("captioner", "chat", "chat_stream")}
-    assert len(set(sources.values())) == 1  # one adapter; config parameters say what it serves
-    code = sources["chat"]
+def test_adapters_are_thin_and_the_core_never_imports_triton() -> None:
+    code = ADAPTER  # the same file for every model; config parameters say what it serves
     assert "import triton_python_backend_utils" in code and "from sharegpt4v.serving.engine import" in code
     assert "generate(" not in code and "tokenizer" not in code  # no generation or prompt logic of its own
-    for module in (ROOT / "sharegpt4v" / "serving").glob("*.py"):
-        assert "triton_python_backend_utils" not in module.read_text().replace("`triton_python_backend_utils`", ""), module
+    ast.parse(code)
+    for module in (ROOT / "sharegpt4v").rglob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith(("triton_python_backend_utils", "kfp")) for n in names), module
+
+
+def test_the_serving_folder_lints() -> None:
     ruff = Path(sys.executable).parent / "ruff"
     result = subprocess.run([str(ruff), "check", "serving", "bench/bench_triton.py"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -258,13 +258,13 @@ def test_chat_streams_tokens_over_grpc_from_the_decoupled_model(served: Served) 
 
 
 def test_a_model_that_cannot_load_fails_the_start_with_the_reason(tmp_path: Path) -> None:
-    from sharegpt4v.serving.repository import adapter, model_configs
+    from sharegpt4v.serving.repository import ADAPTER, model_configs
     from sharegpt4v.serving.triton import TritonError
 
     repo = tmp_path / "repo"
     (repo / "captioner" / "1").mkdir(parents=True)
     (repo / "captioner" / "config.pbtxt").write_text(model_configs(recipe(), ["captioner"], kind="KIND_CPU")["captioner"])
-    (repo / "captioner" / "1" / "model.py").write_text(adapter("captioner").read_text())  # but no weights/
+    (repo / "captioner" / "1" / "model.py").write_text(ADAPTER)  # but no weights/
     with pytest.raises(TritonError) as err:
         start_triton(repo, tmp_path / "work", timeout=120)
     first_line = str(err.value).splitlines()[0]

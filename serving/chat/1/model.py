@@ -2,7 +2,9 @@
 
 The same file serves `captioner`, `chat` and the decoupled `chat_stream`: the model's
 `parameters` (config.pbtxt) say what it is and where its weights are; request checks,
-prompts and generation all live in the core package.
+prompts and generation all live in the core package. Written by the exporter from
+`sharegpt4v.serving.repository.ADAPTER` (`python -m sharegpt4v.serving.repository` rewrites
+the committed copies under serving/).
 """
 
 import json
