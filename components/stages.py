@@ -217,6 +217,14 @@ def evaluate(model: str, model_digest: str, dataset_uri: str, out_root: str, met
 
 
 @component
+def champion_score(results: dict, metric: str) -> float:
+    """The metric the promotion gate compares (one output: kfp.local's If reads only a task's single output)."""
+    if metric not in results:
+        raise ValueError(f"champion metric {metric!r} was not measured (have: {', '.join(sorted(results))})")
+    return float(results[metric])
+
+
+@component
 def promote(model: str, results: dict, metric: str, threshold: float, alias: str) -> str:
     """Alias the registered version `alias` (champion) in MLflow, tagged with its evaluation."""
     from components import steps

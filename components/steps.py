@@ -325,6 +325,7 @@ def train(stage: str, dataset_uri: str, dataset_digest: str, captions: str, capt
     out = storage.join(out_root, f"{stage}-{content_key(stage, dataset_digest, captions_digest, init_digest, section)}")
     params = {"stage": stage, "dataset": dataset_uri, "captions": captions or "none", "init": init or "recipe",
               "out": out, "gpus": gpus, "profile": profile}
+    pipeline_run = find_pipeline_run()  # before task_run: inside, new runs nest under the task's run
     with task_run(stage, params):
         inputs = StageInputs([dataset_uri], captions=captions or None, split="train")
         result = launch(stage, recipe, inputs, out, init=init_checkpoint, nproc=int(gpus))
@@ -336,7 +337,6 @@ def train(stage: str, dataset_uri: str, dataset_digest: str, captions: str, capt
             }
             if captions:
                 lineage.update(captions=captions, captions_digest=captions_digest)
-            pipeline_run = find_pipeline_run()
             if pipeline_run:
                 lineage["pipeline_run"] = pipeline_run
             registered = _register_once(stage, result.checkpoint_uri, result.run_id, lineage)

@@ -176,7 +176,9 @@ def sharegpt4v(
         tuned, ev = lmm_part(dataset_uri, dataset_digest, merged.outputs["uri"], merged.outputs["digest"], base_model,
                              output_root, train_gpus, eval_gpus, selector, champion_metric, champion_threshold,
                              profile, overrides)
-        with dsl.If(ev.outputs["score"] >= champion_threshold, name="score-clears-threshold"):
+        score = light_task(c.champion_score(results=ev.outputs["results"], metric=champion_metric),
+                           display_name="champion metric")
+        with dsl.If(score.output >= champion_threshold, name="score-clears-threshold"):
             champion = champion_part(tuned, ev, champion_metric, champion_threshold)
             served = serving_part(tuned.outputs["model_uri"], captioner.outputs["model_uri"], output_root, export_kind,
                                   serving_profile, deploy_namespace, deploy_dry_run, profile, overrides)
@@ -255,7 +257,9 @@ def train_lmm(
         tuned, ev = lmm_part(dataset_uri, data.output, captions, caps.output, base_model, output_root, train_gpus,
                              eval_gpus, start.outputs["gpu_node_selector"], champion_metric, champion_threshold,
                              profile, overrides)
-        with dsl.If(ev.outputs["score"] >= champion_threshold, name="score-clears-threshold"):
+        score = light_task(c.champion_score(results=ev.outputs["results"], metric=champion_metric),
+                           display_name="champion metric")
+        with dsl.If(score.output >= champion_threshold, name="score-clears-threshold"):
             champion_part(tuned, ev, champion_metric, champion_threshold)
 
 

@@ -10,21 +10,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sharegpt4v.errors import PlatformError
+
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
 BUCKET = "sharegpt4v"
 LOCAL_EXPERIMENT = "sharegpt4v"
 
 
-class PipelineError(RuntimeError):
-    """A pipeline could not be compiled, run or submitted."""
+class PipelineError(PlatformError):
+    """A pipeline could not be compiled, run or submitted (the CLI prints it as one line)."""
 
 
 # compile and check ----------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ def summarize(outputs: dict[str, Any]) -> dict[str, Any]:
         "world": world.get("uri"),
         "caption_sets": {"seed": outputs.get("seed-captions", {}).get("uri"),
                          "corpus": outputs.get("merge-captions", {}).get("uri")},
-        "caption_groups": outputs.get("caption-shard-group", []),
+        "caption_groups": [g.get("Output", g) for g in outputs.get("caption-shard-group", [])],
         "models": models,
         "eval": {"score": ev.get("score"), "metrics": ev.get("results", {}), "table": table, "out": ev.get("out")},
         "champion": outputs.get("promote", {}).get("Output"),
@@ -230,9 +234,16 @@ def submit(host: str, *, pipeline: str = "sharegpt4v", arguments: Mapping[str, A
     path = COMPILED_DIR / f"{pipeline}.yaml"
     if not path.exists():
         raise PipelineError(f"{path}: no compiled pipeline {pipeline!r} (known: {', '.join(_pipelines())})")
+    with contextlib.redirect_stdout(sys.stderr):  # kfp prints links; stdout stays for the result
+        return _submit(kfp, host, path, pipeline, dict(arguments or {}), experiment, run_name, recurring, namespace,
+                       token, service_account, enable_caching, max_concurrency)
+
+
+def _submit(kfp: Any, host: str, path: Path, pipeline: str, args: dict[str, Any], experiment: str, run_name: str | None,
+            recurring: str | None, namespace: str | None, token: str | None, service_account: str | None,
+            enable_caching: bool | None, max_concurrency: int) -> dict[str, Any]:
     client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token or os.environ.get("KFP_TOKEN"))
     name = run_name or f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}"
-    args = dict(arguments or {})
     if recurring:
         exp = client.create_experiment(experiment, namespace=namespace)
         job = client.create_recurring_run(exp.experiment_id, name, cron_expression=recurring, params=args,

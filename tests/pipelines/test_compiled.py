@@ -146,7 +146,10 @@ def test_pipeline_run_is_tracked_by_an_exit_handler_and_gated_on_the_score() -> 
         "{{$.pipeline_job_uuid}}"
     condition_component, _ = everything["promote"]
     gate = next(t for _, t in everything.values() if t["componentRef"]["name"] == condition_component)
-    assert "evaluate-score" in gate["triggerPolicy"]["condition"] and "champion_threshold" in gate["triggerPolicy"]["condition"]
+    condition = gate["triggerPolicy"]["condition"]
+    assert "champion-score-Output" in condition and ">=" in condition and "champion_threshold" in condition
+    assert everything["champion-score"][1]["inputs"]["parameters"]["results"]["taskOutputParameter"] == {
+        "producerTask": "evaluate", "outputParameterKey": "results"}
     assert everything["deploy"][0] == condition_component and everything["export-model-repository"][0] == condition_component
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"output_root", "source_uri", "teacher_endpoint", "teacher_model", "profile", "overrides", "train_gpus",
