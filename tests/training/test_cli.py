@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["captioner.max_steps=3", "pretrain.max_steps=3", "sft.max_steps=3", "captioner.max_samples=32",
-        "pretrain.max_samples=32", "sft.max_samples=32", "captioning.max_new_tokens=4"]
+        "pretrain.max_samples=32", "sft.max_samples=32", "captioning.max_new_tokens=4", "sft.epochs=1"]
 
 
 def train(*args: str) -> dict:
