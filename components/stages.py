@@ -1,5 +1,5 @@
 """KFP components, one per stage: each body imports the project and calls one function of
-`components.steps` (which calls the core). Inputs and outputs are URIs, digests and small
+`sharegpt4v.stages` (which calls the core). Inputs and outputs are URIs, digests and small
 JSON values; the data stays in S3. Metrics and HTML artifacts are what the KFP UI shows.
 
 The base image is the project's training image (`components.resources.IMAGE`) and the project
@@ -28,7 +28,7 @@ def component(fn):
 def start_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params: dict, overrides: list, experiment: str,
               gpu_product: str) -> NamedTuple("Outputs", [("mlflow_run_id", str), ("gpu_node_selector", dict)]):
     """Create the pipeline's MLflow run (KFP run id, parameters); the GPU node selector for GPU tasks."""
-    from components import steps
+    from sharegpt4v import stages as steps
     from sharegpt4v.cluster import GPU_PRODUCT_LABEL
 
     run_id = steps.start_pipeline_run(pipeline, kfp_run_id, kfp_run_name, {**params, "overrides": " ".join(overrides)},
@@ -40,7 +40,7 @@ def start_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params: dict, o
 @component
 def finish_run(kfp_run_id: str, status: dsl.PipelineTaskFinalStatus) -> str:
     """Exit handler: mark the pipeline's MLflow run FINISHED, or FAILED when a step failed."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     return steps.finish_pipeline_run(kfp_run_id, status.state, status.error_message or "")
 
@@ -52,7 +52,7 @@ def finish_run(kfp_run_id: str, status: dsl.PipelineTaskFinalStatus) -> str:
 def synthetic_world(out_root: str, images: int, seed: int, profile: str, overrides: list,
                     metrics: Output[Metrics]) -> NamedTuple("Outputs", [("uri", str), ("digest", str)]):
     """Render a synthetic world (known ground truth) into image shards."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     result = steps.synthetic_world(out_root, images, seed, profile, overrides)
     metrics.log_metric("images", result["ok"])
@@ -67,7 +67,7 @@ def synthetic_world(out_root: str, images: int, seed: int, profile: str, overrid
 def ingest(source_uri: str, out_root: str, kind: str, source_name: str, profile: str, overrides: list,
            metrics: Output[Metrics]) -> NamedTuple("Outputs", [("uri", str), ("digest", str)]):
     """Images / img2dataset shards / a LLaVA conversation JSON -> image shards with a manifest."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     result = steps.ingest_images(source_uri, out_root, kind, source_name, profile, overrides)
     for key in ("ok", "error", "duplicate"):
@@ -79,7 +79,7 @@ def ingest(source_uri: str, out_root: str, kind: str, source_name: str, profile:
 @component
 def dataset_digest(uri: str) -> str:
     """Digest of a complete folder's manifest (dataset or caption set): the cache key of what reads it."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     return steps.folder_digest(uri)
 
@@ -92,7 +92,7 @@ def seed_captions(dataset_uri: str, out_root: str, split: str, teacher_endpoint:
                   budget_usd: float, profile: str, overrides: list,
                   metrics: Output[Metrics]) -> NamedTuple("Outputs", [("uri", str), ("digest", str)]):
     """Seed captions from the teacher VLM (OpenAI-compatible; key from the teacher Secret)."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     result = steps.seed_captions(dataset_uri, out_root, split, teacher_endpoint, teacher_model, budget_usd, profile,
                                  overrides)
@@ -118,7 +118,7 @@ def shard_groups(dataset_uri: str, dataset_digest: str, model: str, groups: int)
 @component
 def caption_shard_group(job: dict, out_root: str, split: str, gpus: int, profile: str, overrides: list) -> dict:
     """Caption shard group `job["group"]` of `job["groups"]` of the corpus with the trained captioner."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     return steps.caption_shard_group(job["dataset_uri"], job["dataset_digest"], job["model"], out_root, job["group"],
                                      job["groups"], split, gpus, profile, overrides)
@@ -129,7 +129,7 @@ def merge_captions(dataset_uri: str, split: str, groups: list, reference: str, r
                    metrics: Output[Metrics], report: Output[HTML]) -> NamedTuple("Outputs", [("uri", str),
                                                                                             ("digest", str)]):
     """Fan-in: publish the corpus caption set once every shard is captioned; its quality report."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     result = steps.merge_captions(dataset_uri, split, groups, reference, report_root)
     for key, value in result["counts"].items():
@@ -154,7 +154,7 @@ def train_captioner(dataset_uri: str, dataset_digest: str, captions: str, captio
                     metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str),
                                                                         ("digest", str), ("version", str)]):
     """Train the captioner on the seed captions; register it (sharegpt4v-captioner, alias candidate)."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     result = steps.train("captioner", dataset_uri, dataset_digest, captions, captions_digest, init, out_root, gpus,
                          profile, overrides)
@@ -170,7 +170,7 @@ def pretrain(dataset_uri: str, dataset_digest: str, captions: str, captions_dige
              metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str),
                                                                  ("digest", str), ("version", str)]):
     """Pretrain the LMM on the corpus with its detailed captions; register it (sharegpt4v-pretrained)."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     result = steps.train("pretrain", dataset_uri, dataset_digest, captions, captions_digest, init, out_root, gpus,
                          profile, overrides)
@@ -185,7 +185,7 @@ def sft(dataset_uri: str, dataset_digest: str, init: str, out_root: str, gpus: i
         metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str),
                                                             ("digest", str), ("version", str)]):
     """Instruction-tune the pretrained LMM (SFT mix); register it (sharegpt4v-chat, alias candidate)."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     result = steps.train("sft", dataset_uri, dataset_digest, "", "", init, out_root, gpus, profile, overrides)
     for key in ("steps", "final_loss", "samples_seen", "flagged_samples"):
@@ -204,7 +204,7 @@ def evaluate(model: str, model_digest: str, dataset_uri: str, out_root: str, met
     """Answer and score the benchmarks of `eval.benchmarks`; `score` is the champion metric."""
     import html
 
-    from components import steps
+    from sharegpt4v import stages as steps
 
     result = steps.evaluate(model, dataset_uri, out_root, metric, gpus, profile, overrides)
     for key, value in sorted(result["metrics"].items()):
@@ -227,7 +227,7 @@ def champion_score(results: dict, metric: str) -> float:
 @component
 def promote(model: str, results: dict, metric: str, threshold: float, alias: str) -> str:
     """Alias the registered version `alias` (champion) in MLflow, tagged with its evaluation."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     return steps.promote(model, results, metric, threshold, alias)["uri"]
 
@@ -236,7 +236,7 @@ def promote(model: str, results: dict, metric: str, threshold: float, alias: str
 def export_model_repository(chat_model: str, captioner_model: str, out_root: str, kind: str, profile: str,
                             overrides: list) -> NamedTuple("Outputs", [("uri", str), ("digest", str)]):
     """Export the chat model and the captioner as a Triton model repository (KServe storageUri) in S3."""
-    from components import steps
+    from sharegpt4v import stages as steps
 
     models = {name: ref for name, ref in (("chat", chat_model), ("captioner", captioner_model)) if ref}
     result = steps.export_repository(models, out_root, kind, profile, overrides)
@@ -250,7 +250,7 @@ def deploy(model: str, storage_uri: str, serving_profile: str, namespace: str, d
     """Create or patch the KServe InferenceService of `model` through the Kubernetes API (dry run: print it)."""
     import html
 
-    from components import steps
+    from sharegpt4v import stages as steps
 
     result = steps.deploy(model, storage_uri, serving_profile, namespace, dry_run)
     with open(manifest.path, "w") as f:

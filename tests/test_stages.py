@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from components import steps
+from sharegpt4v import stages as steps
 from sharegpt4v import tracking
 
 
