@@ -331,12 +331,19 @@ def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM (a pod's, a supervisor's) and SIGINT stop a long-running server like Ctrl-C. SIGINT is set
+    explicitly: a process started in the background of a non-interactive shell inherits it ignored."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+
+
 def cmd_teacher_sim_serve(args: argparse.Namespace) -> int:
     from sharegpt4v.captioning.teacher_sim import FAULT_KINDS, Faults, serve_forever
 
     kinds = tuple(k for k in args.fault_kinds.split(",") if k) if args.fault_kinds else FAULT_KINDS
     faults = Faults(rate=args.fault_rate, kinds=kinds, latency_s=args.latency_s)
-    signal.signal(signal.SIGTERM, _interrupt)  # a pod's SIGTERM stops it like Ctrl-C
+    _stop_on_signals()
     serve_forever(args.world, host=args.host, port=args.port, faults=faults, seed=args.seed)
     return 0
 
@@ -355,10 +362,9 @@ def cmd_services_up(args: argparse.Namespace) -> int:
         print(f"MLflow: {ui}")
         print(f"In another shell: source {env_file}")
         print("Ctrl-C stops them", flush=True)
-        stop = {"now": False}
-        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        _stop_on_signals()
         try:
-            while not stop["now"] and s3.process.poll() is None:
+            while s3.process.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
@@ -368,7 +374,8 @@ def cmd_services_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sharegpt4v.demo import run_demo
 
-    run_demo(Path(args.dir), images=args.images, seed=args.seed, profile=args.profile, overrides=args.overrides)
+    run_demo(Path(args.dir), images=args.images, seed=args.seed, profile=args.profile, overrides=args.overrides,
+             shard_groups=args.shard_groups)
     return 0
 
 
@@ -448,7 +455,7 @@ def cmd_serve_local(args: argparse.Namespace) -> int:
     from sharegpt4v.serving.triton import start_triton
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sharegpt4v-triton-"))
-    signal.signal(signal.SIGTERM, _interrupt)  # a pod's or a supervisor's SIGTERM stops it like Ctrl-C
+    _stop_on_signals()
     try:
         triton = start_triton(args.model_repo, workdir, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, timeout=args.timeout)
@@ -573,10 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    p = add(sub, "demo", cmd_demo, "the main job on the embedded default: local S3 + MLflow, a synthetic world, its report")
-    p.add_argument("--dir", default=".local/demo", help="working folder for the local services")
-    p.add_argument("--images", type=int, default=600)
+    p = add(sub, "demo", cmd_demo, "the main job on the embedded default: the sharegpt4v pipeline with kfp.local on "
+            "local S3 + MLflow, then the champion served on the local Triton server")
+    p.add_argument("--dir", default=".local/demo", help="working folder for the local services and pipeline outputs")
+    p.add_argument("--images", type=int, default=600, help="synthetic world size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-groups", type=int, default=2, help="parallel corpus-captioning tasks (ParallelFor)")
     _recipe_args(p)
 
     config = sub.add_parser("config", help="recipes").add_subparsers(dest="action", required=True)
@@ -684,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".local/ablation", help="folder (local or s3://) for the world, runs and results")
     p.add_argument("--arms", default="A,B,C", help="comma-separated: A (brief), B (detailed), C (projector-only), none")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--images", type=int, default=16000, help="synthetic world size (train: pretraining, val: SFT, test: evaluation)")
     p.add_argument("--lanes", type=int, default=2, help="runs in parallel (one per core)")
     p.add_argument("--warmup-steps", type=int, default=300, help="text-only warm start of the language model")
     _recipe_args(p)

@@ -67,7 +67,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> N
     raise ServiceError(f"{url}: not ready after {timeout:.0f}s (log: {log})")
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+def stop_process_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM to the process group of a server started with start_new_session, then SIGKILL."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -77,7 +78,7 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout)
+        proc.wait(10)  # SIGKILL cannot be ignored
 
 
 @dataclass
@@ -102,7 +103,7 @@ class LocalS3:
         }
 
     def stop(self) -> None:
-        _stop_group(self.process)
+        stop_process_group(self.process)
 
     def client(self) -> Any:
         """A boto3 client for this server whatever the environment says."""
@@ -218,7 +219,7 @@ class LocalMLflow:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop_group(self.process)
+            stop_process_group(self.process)
 
 
 def start_mlflow(

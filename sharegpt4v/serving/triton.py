@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sharegpt4v.errors import PlatformError
+from sharegpt4v.services import free_port, stop_process_group
 
 LOOPBACK = "127.0.0.1"
 
@@ -128,12 +129,6 @@ def fetch_repository(uri: str, dest: str | Path) -> Path:
     return dest
 
 
-def _free_port() -> int:
-    from sharegpt4v.services import free_port
-
-    return free_port()
-
-
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:
@@ -178,15 +173,7 @@ class LocalTriton:
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM to the server's process group (Triton unloads its models, the stubs exit), then SIGKILL."""
         proc = self.process
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_process_group(proc, timeout)
         # Python-backend stubs share the group; make sure none outlives the server.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -221,7 +208,7 @@ def start_triton(
     if not any((d / "config.pbtxt").is_file() for d in repository.iterdir() if d.is_dir()):
         raise TritonError(f"{model_repo}: not a Triton model repository (no <model>/config.pbtxt)")
     server = server_dir()
-    ports = {"http": http_port or _free_port(), "grpc": grpc_port or _free_port(), "metrics": metrics_port or _free_port()}
+    ports = {"http": http_port or free_port(), "grpc": grpc_port or free_port(), "metrics": metrics_port or free_port()}
     args = [
         str(server / "bin" / "tritonserver"),
         f"--model-repository={repository}",
