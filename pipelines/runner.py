@@ -178,11 +178,17 @@ def _run_local(workdir: Path, images: int, seed: int, profile: str, overrides: A
 
 
 def collect_outputs(run_dir: Path) -> dict[str, Any]:
-    """Parameter outputs of each task of a local run, by task name (loop iterations as a list)."""
+    """Outputs of each task of a local run, by task name (loop iterations as a list): parameters, the
+    values of Metrics artifacts and the local path of other artifacts (e.g. an HTML report)."""
     outputs: dict[str, Any] = {}
     for path in sorted(run_dir.rglob("executor_output.json")):
         task = path.parent.name
-        values = json.loads(path.read_text()).get("parameterValues", {})
+        executor_output = json.loads(path.read_text())
+        values = {}
+        for name, entry in executor_output.get("artifacts", {}).items():  # Metrics: their values; others: the file
+            for artifact in entry.get("artifacts", [])[:1]:
+                values[name] = artifact.get("metadata") or artifact.get("uri")
+        values.update(executor_output.get("parameterValues", {}))
         if any(part.startswith("for-loop-") for part in path.relative_to(run_dir).parts[:-2]):
             outputs.setdefault(task, []).append(values)
         else:
@@ -209,6 +215,7 @@ def summarize(outputs: dict[str, Any]) -> dict[str, Any]:
         "caption_sets": {"seed": outputs.get("seed-captions", {}).get("uri"),
                          "corpus": outputs.get("merge-captions", {}).get("uri")},
         "caption_groups": [g.get("Output", g) for g in outputs.get("caption-shard-group", [])],
+        "caption_report": {k: outputs.get("merge-captions", {}).get(k) for k in ("report", "metrics")},
         "models": models,
         "eval": {"score": ev.get("score"), "metrics": ev.get("results", {}), "table": table, "out": ev.get("out")},
         "champion": outputs.get("promote", {}).get("Output"),

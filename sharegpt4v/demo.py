@@ -1,107 +1,141 @@
 """The main job on the embedded default (`sharegpt4v demo`, the README's first command).
 
-Today it runs the platform's first stages end to end on local stand-ins: start S3 (SeaweedFS)
-and MLflow (sqlite), generate a synthetic world into S3, inspect it, write seed captions for
-its train split with the teacher client against the synthetic teacher endpoint (with injected
-faults), and report caption quality against the ground truth: why the recipe wants detailed
-captions. Later stages (captioner training, pretraining, SFT, evaluation, serving) extend it.
+It runs the `sharegpt4v` Kubeflow pipeline end to end with kfp.local on local stand-ins (S3 =
+SeaweedFS, MLflow on sqlite, the synthetic teacher endpoint): a fresh synthetic world, seed
+captions from the teacher, captioner training, corpus captioning fanned out over shard groups,
+pretraining, SFT, evaluation, champion promotion, export of a Triton model repository and a
+dry-run deploy. Then it serves the champion chat model and the captioner on the real Triton
+server, asks each about a held-out image, and prints the answers, the evaluation table and the
+registered models. Like the CLI, this is an adapter: kfp and Triton are imported where used.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import io
 import logging
+import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from sharegpt4v import tracking
-from sharegpt4v.captioning.job import JobSummary, run_caption_job
-from sharegpt4v.captioning.report import run_report, world_caption_sets
-from sharegpt4v.captioning.teacher import TeacherClient
-from sharegpt4v.captioning.teacher_sim import Faults, TeacherSim
-from sharegpt4v.config import RecipeConfig, load_recipe
-from sharegpt4v.data.inspect import inspect_dataset
-from sharegpt4v.data.shards import open_dataset, sample_meta
+from sharegpt4v.config import load_recipe
 from sharegpt4v.services import local_services
-from sharegpt4v.world.generate import generate_world
 
 BUCKET = "sharegpt4v"
 
 
 def run_demo(workdir: Path, images: int = 600, seed: int = 0, profile: str = "tiny",
-             overrides: list[str] | tuple[str, ...] = ()) -> dict[str, object]:
+             overrides: list[str] | tuple[str, ...] = (), shard_groups: int = 2) -> dict[str, Any]:
+    from pipelines.runner import run_local
+
     console = Console()
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines would drown the report
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    recipe = load_recipe(profile, overrides)
+    for noisy in ("mlflow", "alembic"):  # their INFO lines would drown the report
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    load_recipe(profile, overrides)  # a bad override fails here, before anything starts
     workdir = workdir.resolve()
-    console.rule("[bold]ShareGPT4V platform demo (embedded default)")
+    console.rule("[bold]ShareGPT4V platform: the end-to-end pipeline on the embedded default")
     with local_services(workdir, buckets=(BUCKET,)) as (s3, mlflow):
-        console.print(f"S3 (SeaweedFS) at {s3.endpoint}, MLflow at {mlflow.tracking_uri}")
-        world_uri = f"s3://{BUCKET}/world/seed-{seed}"
-        seed_uri = f"s3://{BUCKET}/captions/teacher-seed-{seed}"
-        with tracking.stage_run("demo", {"profile": recipe.profile, "images": images, "seed": seed}):
-            generate_world(world_uri, images=images, seed=seed, cfg=recipe.world, overwrite=True)
-            report = inspect_dataset(world_uri, verify=True, progress=False)
-            tracking.log_dict(report, "world/inspect.json")
-            seed_summary = _seed_captions(world_uri, seed_uri, recipe)
-            quality = run_report(
-                {"teacher": seed_uri, **world_caption_sets(world_uri, "train")},
-                f"s3://{BUCKET}/reports/seed-captions-{seed}", dataset_uri=world_uri, split="train",
-            )
-
-        table = Table(title=f"{world_uri}: {report['shards']} shards, {report['bytes'] / 1e6:.1f} MB")
-        for column in ("ok", "error", "duplicate", "train", "val", "test", "sources"):
-            table.add_column(column)
-        table.add_row(
-            *(str(report[k]) for k in ("ok", "error", "duplicate")),
-            *(str(report["splits"].get(k, 0)) for k in ("train", "val", "test")),
-            ", ".join(f"{k}={v}" for k, v in report["sources"].items()),
-        )
-        console.print(table)
-        console.print("integrity: " + ("all shards match their sha256" if not report["integrity_problems"]
-                                       else str(report["integrity_problems"])))
-
-        sample = sample_meta(next(open_dataset(world_uri).samples("val")))
-        console.print(f"\n[bold]A held-out image[/bold] ({sample['id']}, source {sample['source']}):")
-        console.print(f"  brief:    {sample['brief_caption']}")
-        console.print(f"  detailed: {sample['detailed_caption']}")
-        for item in sample["vqa"][:4]:
-            options = f" {item['options']}" if "options" in item else ""
-            console.print(f"  Q ({item['kind']}/{item['category']}): {item['question']}{options} -> {item['answer']}")
-
+        console.print(f"S3 (SeaweedFS) at {s3.endpoint}, MLflow at {mlflow.tracking_uri}; "
+                      f"pipeline `sharegpt4v` with kfp.local, profile {profile!r}, {images} images")
+        log = workdir / "pipeline.log"
+        console.print(f"Task logs: {log} (task progress below)")
+        with log.open("w") as sink, contextlib.redirect_stdout(_TaskProgress(sink, sys.stdout)), \
+                warnings.catch_warnings():
+            # kfp.local prints every task's own output to stdout: it goes to the log. Its warnings that
+            # cluster-only settings (GPUs, node selectors, the image) do nothing locally are expected here.
+            warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+            result = run_local(workdir, images=images, seed=seed, profile=profile, overrides=overrides,
+                               shard_groups=shard_groups, start_services=False)
+        served = _ask_served_models(result, workdir, console)
+        _print_summary(result, console)
         console.print(
-            f"\nSeed captions from the synthetic teacher (10% injected faults): {seed_summary.ok} ok, "
-            f"{seed_summary.error} error records ({dict(seed_summary.reasons) or 'none'}), "
-            f"{seed_summary.captioned / max(seed_summary.seconds, 1e-9):.0f} images/s -> {seed_uri}"
-        )
-        quality_table = Table(title="Caption quality vs ground truth (train split)")
-        for column in ("captions", "ok", "fact recall", "false facts", "chars", "nouns", "adj."):
-            quality_table.add_column(column, no_wrap=column == "captions")
-        for row in quality["comparison"]:
-            quality_table.add_row(
-                row["set"], str(row["ok"]), f"{row['fact_recall']:.3f}", f"{row['hallucinated_per_caption']:.2f}",
-                f"{row['mean_chars']:.0f}", f"{row['noun_share']:.0%}", f"{row['adjective_share']:.0%}",
-            )
-        console.print(quality_table)
-        console.print(f"Full report: s3://{BUCKET}/reports/seed-captions-{seed}/report.html (also in MLflow)")
-        console.print(
-            f"\nData stays in {workdir} (S3 data in s3/, MLflow in mlflow/).\n"
+            f"\nPipeline finished in {result['minutes']:.1f} min. Data stays in {workdir} "
+            f"(S3 data in s3/, MLflow in mlflow/, kfp.local outputs in kfp/).\n"
             f"Open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {mlflow.tracking_uri}\n"
-            f"Browse the data again: .venv/bin/sharegpt4v services up --dir {workdir}, then in another shell:\n"
-            f"  source {workdir}/env.sh && .venv/bin/sharegpt4v data inspect {world_uri}"
+            f"Serve the models again: .venv/bin/sharegpt4v services up --dir {workdir}, then in another shell:\n"
+            f"  source {workdir}/env.sh && .venv/bin/sharegpt4v serve local --model-repo {result['model_repository']}"
         )
-    return {"report": report, "quality": quality, "seed_captions": seed_summary.to_dict()}
+    return {**result, "served": served}
 
 
-def _seed_captions(world_uri: str, out_uri: str, recipe: RecipeConfig) -> JobSummary:
-    """Seed captions for the train split from the synthetic teacher, through the real client."""
-    faults = Faults(rate=0.1, kinds=("429", "500", "503", "malformed"), retry_after_s=0.05)
-    with TeacherSim(world_uri=world_uri, faults=faults) as sim:
-        teacher_cfg = dataclasses.replace(recipe.teacher, backoff_base_s=0.01, backoff_max_s=0.5)
-        with TeacherClient(teacher_cfg, base_url=sim.url, api_key="synthetic-teacher-key") as client:
-            return run_caption_job(world_uri, out_uri, client, batch_size=4 * teacher_cfg.concurrency, split="train",
-                                   progress=True)
+class _TaskProgress(io.TextIOBase):
+    """Everything to the log file; kfp.local's task start/finish lines to the console too."""
 
+    MARKERS = (" - INFO - Executing task", " finished with status ", " - INFO - Pipeline ")
+
+    def __init__(self, sink: Any, console: Any):
+        self.sink, self.console = sink, console
+
+    def write(self, text: str) -> int:
+        self.sink.write(text)
+        for line in text.splitlines():
+            if any(marker in line for marker in self.MARKERS):
+                self.console.write(line + "\n")
+                self.console.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+
+def _held_out_sample(world_uri: str) -> dict[str, Any]:
+    from sharegpt4v.data.shards import open_dataset, sample_image, sample_meta
+
+    sample = next(open_dataset(world_uri).samples("test"))
+    meta = sample_meta(sample)
+    question = next((q for q in meta["vqa"] if q["kind"] == "short" and q["category"] == "colour"),
+                    next(q for q in meta["vqa"] if q["kind"] == "short"))
+    return {"id": meta["id"], "image": sample_image(sample)[1], "question": question,
+            "detailed_caption": meta["detailed_caption"]}
+
+
+def _ask_served_models(result: dict[str, Any], workdir: Path, console: Console) -> dict[str, Any]:
+    from sharegpt4v.serving import client
+    from sharegpt4v.serving.triton import start_triton
+
+    sample = _held_out_sample(result["world"])
+    question = sample["question"]
+    console.print(f"\nServing {result['model_repository']} on the local Triton server ...")
+    with start_triton(result["model_repository"], workdir / "triton") as server:
+        caption = client.caption(server.http_url, sample["image"])
+        answer = client.chat(server.http_url, sample["image"], question["question"])
+    console.print(f"[bold]A held-out image[/bold] ({sample['id']}, test split):")
+    console.print(f"  captioner (Triton, model `captioner`): {caption['text']}")
+    console.print(f"  ground truth:                          {sample['detailed_caption']}")
+    console.print(f"  Q: {question['question']}  A (Triton, model `chat`): {answer['text']!r}  "
+                  f"(truth: {question['answer']!r})")
+    return {"image_id": sample["id"], "caption": caption, "question": question, "answer": answer,
+            "http_url": server.http_url}
+
+
+def _print_summary(result: dict[str, Any], console: Console) -> None:
+    if result["eval"]["table"]:
+        console.print("\n[bold]Evaluation of the SFT model[/bold] (held-out test split)")
+        console.print(result["eval"]["table"])
+    models = Table(title="Registered models (MLflow)")
+    for column in ("stage", "model version", "checkpoint"):
+        models.add_column(column)
+    for stage, info in result["models"].items():
+        models.add_row(stage, info["model_uri"], info["checkpoint_uri"])
+    console.print(models)
+    console.print(f"champion: {result['champion'] or 'not promoted (score below the threshold)'}; "
+                  f"model repository: {result['model_repository']}; deploy: {result['deploy']}")
+    console.print(f"captions: seed (teacher) {result['caption_sets']['seed']}, "
+                  f"corpus (captioner) {result['caption_sets']['corpus']}")
+    metrics = result.get("caption_report", {}).get("metrics") or {}
+    sets = sorted({key.split(".", 1)[0] for key in metrics if key.endswith(".fact_recall")})
+    if sets:
+        quality = Table(title="Caption quality vs the world's ground truth (corpus split)")
+        for column in ("captions", "fact recall", "false facts / caption", "mean chars"):
+            quality.add_column(column)
+        for name in sets:
+            quality.add_row(name, *(f"{metrics.get(f'{name}.{k}', float('nan')):.{d}f}"
+                                    for k, d in (("fact_recall", 3), ("hallucinated_per_caption", 2),
+                                                 ("mean_chars", 0))))
+        console.print(quality)
+        console.print(f"caption report (HTML): {result['caption_report']['report']}")

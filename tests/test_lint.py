@@ -9,5 +9,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ruff_is_clean() -> None:
     ruff = Path(sys.executable).parent / "ruff"
-    result = subprocess.run([str(ruff), "check", "sharegpt4v", "tests", "bench"], cwd=ROOT, capture_output=True, text=True)
+    trees = ["sharegpt4v", "tests", "bench", "serving", "components", "pipelines"]
+    result = subprocess.run([str(ruff), "check", *trees], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
