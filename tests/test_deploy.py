@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from sharegpt4v import cluster, deploy
 from sharegpt4v.cli import main
 from sharegpt4v.deploy import DeployError, apply_inference_service, render_deployment, render_inference_service
 from tests.crds import validate
+from tests.json_http import JsonHandler
 
 ISVCS = "/apis/serving.kserve.io/v1beta1/namespaces/{ns}/inferenceservices"
 
@@ -46,17 +47,7 @@ class FakeKubeApiServer:
         self.fail: dict[str, int] = {}
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JsonHandler):
 
             def _status(self, code: int, reason: str) -> None:
                 self._reply(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,

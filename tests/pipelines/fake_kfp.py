@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.json_http import JsonHandler
 
 
 class FakeKFP:
@@ -37,20 +39,10 @@ class FakeKFP:
     def posted(self, path: str) -> list[dict[str, Any]]:
         return [r["body"] for r in self.requests if r["method"] == "POST" and r["path"] == path]
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def _handler(self) -> type[JsonHandler]:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JsonHandler):
 
             def _record(self) -> tuple[str, dict[str, list[str]], Any]:
                 parts = urlsplit(self.path)
