@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -160,7 +162,8 @@ def _run_local(workdir: Path, images: int, seed: int, profile: str, overrides: A
         with local_build():  # the same DAG, without retry backoffs (see components.resources.local_build)
             pipeline = dsl.pipeline(name=sharegpt4v.name, description=sharegpt4v.description)(sharegpt4v.pipeline_func)
         try:
-            pipeline(**params)
+            with kfp_local_globals_restored():
+                pipeline(**params)
         except RuntimeError as exc:
             raise PipelineError(f"the local pipeline failed: {str(exc).splitlines()[0]}") from exc
     finally:
@@ -175,6 +178,24 @@ def _run_local(workdir: Path, images: int, seed: int, profile: str, overrides: A
     outputs = collect_outputs(runs[-1])
     return {**summarize(outputs), "mlflow_run_id": run_id, "kfp_run": str(runs[-1]), "workdir": str(workdir),
             "minutes": (time.perf_counter() - started) / 60}
+
+
+@contextlib.contextmanager
+def kfp_local_globals_restored() -> Any:
+    """Put back `print` and the root logger as they were before a kfp.local run.
+
+    kfp.local swaps `builtins.print` (to indent task logs) and the root logger's handlers around
+    each task; the tasks of a ParallelFor run in threads and undo those swaps out of order, which
+    can leave every later `print` of the process indented by four spaces (kfp 2.14).
+    """
+    root = logging.getLogger()
+    saved_print, saved_handlers, saved_level = builtins.print, root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        builtins.print = saved_print
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
 
 
 def collect_outputs(run_dir: Path) -> dict[str, Any]:

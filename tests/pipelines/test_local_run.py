@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import builtins
+import logging
 import os
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.runner import PipelineError, run_local
+from pipelines.runner import PipelineError, kfp_local_globals_restored, run_local
 from sharegpt4v import storage
 from sharegpt4v.captioning.job import iter_caption_records
 from sharegpt4v.data.shards import open_dataset, sample_meta
@@ -21,9 +23,10 @@ FAST = ["world.samples_per_shard=12", "captioner.max_steps=12", "pretrain.max_st
 
 @pytest.mark.slow
 def test_end_to_end_pipeline_runs_locally(tmp_path: Path) -> None:
-    before = dict(os.environ)
+    before, print_before, handlers_before = dict(os.environ), builtins.print, logging.getLogger().handlers[:]
     result = run_local(tmp_path / "run", images=60, seed=3, overrides=FAST, shard_groups=2, champion_threshold=0.0)
     assert dict(os.environ) == before  # services and the pipeline's run id do not leak out
+    assert builtins.print is print_before and logging.getLogger().handlers == handlers_before  # nor kfp's swaps
     client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow' / 'mlflow.db'}")
     with _services(tmp_path / "run"):
         world, seed, corpus = result["world"], result["caption_sets"]["seed"], result["caption_sets"]["corpus"]
@@ -88,3 +91,22 @@ def _services(workdir: Path):
     from sharegpt4v.services import local_services
 
     return local_services(workdir, buckets=("sharegpt4v",))
+
+
+def test_print_and_logging_survive_kfp_local_undoing_its_swaps_out_of_order() -> None:
+    """Two ParallelFor tasks in threads: the first to finish restores the real print, the second
+    restores the first one's indenting print, and kfp leaves it in place (what made later CLI output
+    start with four spaces)."""
+    from kfp.local import logging_utils
+
+    original, handlers = builtins.print, logging.getLogger().handlers[:]
+    with kfp_local_globals_restored():
+        for swap in (logging_utils.indented_print, logging_utils.local_logger_context):
+            first, second = swap(), swap()
+            first.__enter__()
+            second.__enter__()
+            first.__exit__(None, None, None)
+            second.__exit__(None, None, None)
+        # the leaks this guards against are still there in kfp: an indenting print, a stdout log handler
+        assert builtins.print is not original and logging.getLogger().handlers != handlers
+    assert builtins.print is original and logging.getLogger().handlers == handlers
