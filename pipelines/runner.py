@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sharegpt4v.environment import patched_environ
 from sharegpt4v.errors import PlatformError
 
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
@@ -151,14 +152,12 @@ def _run_local(workdir: Path, images: int, seed: int, profile: str, overrides: A
                workspace_root=str(kfp_dir / "workspace"), raise_on_error=True)
     before = set(root.glob("*")) if root.exists() else set()
     run_id = None
-    saved = {k: os.environ.get(k) for k in (tracking.PARENT_RUN_ENV, "TOKENIZERS_PARALLELISM")}
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        if tracking.tracking_enabled():
-            experiment_id = tracking.ensure_experiment(params["mlflow_experiment"])
-            run_id = tracking._client().create_run(experiment_id, run_name="sharegpt4v-local",
-                                                   tags={"kfp.runner": "local"}).info.run_id
-            os.environ[tracking.PARENT_RUN_ENV] = run_id  # tasks (subprocesses) nest under the pipeline's run
+    if tracking.tracking_enabled():
+        experiment_id = tracking.ensure_experiment(params["mlflow_experiment"])
+        run_id = tracking._client().create_run(experiment_id, run_name="sharegpt4v-local",
+                                               tags={"kfp.runner": "local"}).info.run_id
+    # tasks (subprocesses) nest under the pipeline's run
+    with patched_environ({"TOKENIZERS_PARALLELISM": "false", **({tracking.PARENT_RUN_ENV: run_id} if run_id else {})}):
         with local_build():  # the same DAG, without retry backoffs (see components.resources.local_build)
             pipeline = dsl.pipeline(name=sharegpt4v.name, description=sharegpt4v.description)(sharegpt4v.pipeline_func)
         try:
@@ -166,12 +165,6 @@ def _run_local(workdir: Path, images: int, seed: int, profile: str, overrides: A
                 pipeline(**params)
         except RuntimeError as exc:
             raise PipelineError(f"the local pipeline failed: {str(exc).splitlines()[0]}") from exc
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     runs = sorted(set(root.glob("*")) - before, key=lambda p: p.stat().st_mtime)
     if not runs:
         raise PipelineError(f"{root}: the local run left no outputs")

@@ -230,15 +230,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = launch(args.stage, recipe, inputs, args.out, init=init, nproc=args.nproc, resume=not args.no_resume)
     summary: dict[str, Any] = {"stage": args.stage, **result.to_dict()}
     if tracking.tracking_enabled() and not args.no_register:
-        lineage = {
-            "parent_model": f"{parent['name']}/{parent['version']}" if parent else (init or "built from config"),
-            "dataset": ",".join(args.data),
-            "dataset_digest": ",".join(storage.manifest_digest(storage.open_store(d).read_manifest())[:16]
-                                       for d in args.data),
-        }
-        if args.captions:
-            lineage["captions"] = args.captions
-            lineage["captions_digest"] = storage.manifest_digest(storage.open_store(args.captions).read_manifest())[:16]
+        def digest(uri: str) -> str:
+            return storage.manifest_digest(storage.open_store(uri).read_manifest())[:16]
+
+        lineage = tracking.stage_lineage(parent, init, ",".join(args.data), ",".join(digest(d) for d in args.data),
+                                         args.captions, digest(args.captions) if args.captions else None)
         summary["registered"] = tracking.register_checkpoint(args.stage, result.checkpoint_uri, result.run_id, lineage)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -31,6 +31,7 @@ from typing import Any
 
 from sharegpt4v import storage, tracking
 from sharegpt4v.config import RecipeConfig, load_recipe
+from sharegpt4v.environment import patched_environ
 
 KFP_RUN_ID_ENV = "KFP_RUN_ID"
 RUN_TAG = "kfp.run_id"  # tag of the pipeline's MLflow run: the KFP run id
@@ -93,22 +94,6 @@ def find_pipeline_run(kfp_run_id: str = "") -> str | None:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    previous = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-
-
-@contextlib.contextmanager
 def task_run(name: str, params: dict[str, Any]) -> Iterator[Any]:
     """This task's MLflow run: the plugin's run for the task, or a new run nested under the pipeline's.
 
@@ -124,9 +109,9 @@ def task_run(name: str, params: dict[str, Any]) -> Iterator[Any]:
     anchor = plugin_run or parent
     experiment = (client.get_experiment(client.get_run(anchor).info.experiment_id).name if anchor
                   else os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.DEFAULT_EXPERIMENT)
-    with tracking.experiment(experiment), _env(tracking.PARENT_RUN_ENV, None):
+    with tracking.experiment(experiment), patched_environ({tracking.PARENT_RUN_ENV: None}):
         with tracking.stage_run(name, params, tags={"kfp.task": name}, parent_run_id=parent) as run:
-            with _env(tracking.PARENT_RUN_ENV, run.info.run_id):
+            with patched_environ({tracking.PARENT_RUN_ENV: run.info.run_id}):
                 yield run
 
 
@@ -331,14 +316,8 @@ def train(stage: str, dataset_uri: str, dataset_digest: str, captions: str, capt
         result = launch(stage, recipe, inputs, out, init=init_checkpoint, nproc=int(gpus))
         registered: dict[str, str] = {}
         if tracking.tracking_enabled():
-            lineage = {
-                "parent_model": f"{parent['name']}/{parent['version']}" if parent else (init or "built from config"),
-                "dataset": dataset_uri, "dataset_digest": dataset_digest,
-            }
-            if captions:
-                lineage.update(captions=captions, captions_digest=captions_digest)
-            if pipeline_run:
-                lineage["pipeline_run"] = pipeline_run
+            lineage = tracking.stage_lineage(parent, init, dataset_uri, dataset_digest, captions, captions_digest,
+                                             pipeline_run)
             registered = _register_once(stage, result.checkpoint_uri, result.run_id, lineage)
         tracking.log_metrics({"steps": result.steps, "final_loss": result.final_loss, "samples_seen": result.samples_seen})
     from sharegpt4v.modeling.builder import checkpoint_digest

@@ -161,6 +161,23 @@ def register_checkpoint(
     return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
 
 
+def stage_lineage(parent: dict[str, str], init: str | None, dataset: str, dataset_digest: str,
+                  captions: str | None = None, captions_digest: str | None = None,
+                  pipeline_run: str | None = None) -> dict[str, str]:
+    """The lineage tags of a stage's model version: the model it started from (a registered
+    version, else the init checkpoint, else "built from config"), its data and caption set with
+    their manifest digests, and the pipeline run that made it."""
+    lineage = {
+        "parent_model": f"{parent['name']}/{parent['version']}" if parent else (init or "built from config"),
+        "dataset": dataset, "dataset_digest": dataset_digest,
+    }
+    if captions:
+        lineage.update(captions=captions, captions_digest=captions_digest or "")
+    if pipeline_run:
+        lineage["pipeline_run"] = pipeline_run
+    return lineage
+
+
 def promote(name: str, version: str, alias: str = "champion") -> None:
     _client().set_registered_model_alias(name, alias, version)
 

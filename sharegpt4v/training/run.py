@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sharegpt4v.environment import patched_environ
 from sharegpt4v.training.data import StageInputs
 from sharegpt4v.training.trainer import STAGES, StageResult, dist_env, free_port, single_process_env, train_stage
 
@@ -98,16 +99,8 @@ def launch(stage: str, recipe: "RecipeConfig", inputs: StageInputs | dict[str, A
     if not isinstance(inputs, StageInputs):
         inputs = StageInputs(**inputs) if isinstance(inputs, dict) else StageInputs([inputs])
     if nproc == 1:
-        saved = {k: os.environ.get(k) for k in (*single_process_env(), *(env or {}))}
-        os.environ.update({**single_process_env(), **(env or {})})
-        try:
+        with patched_environ({**single_process_env(), **(env or {})}):
             return train_stage(stage, recipe, inputs, out, init=init, resume=resume, trace=trace)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     with tempfile.TemporaryDirectory(prefix="sharegpt4v-launch-") as tmp:
         profile = Path(tmp) / "recipe.yaml"
         profile.write_text(recipe.to_yaml())
