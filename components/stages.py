@@ -145,9 +145,6 @@ def merge_captions(dataset_uri: str, split: str, groups: list, reference: str, r
 # training -----------------------------------------------------------------------------------------
 
 
-_TRAIN_OUTPUTS = [("checkpoint_uri", str), ("model_uri", str), ("digest", str), ("version", str)]
-
-
 @component
 def train_captioner(dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str,
                     out_root: str, gpus: int, profile: str, overrides: list,
