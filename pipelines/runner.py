@@ -179,7 +179,7 @@ def kfp_local_globals_restored() -> Any:
 
     kfp.local swaps `builtins.print` (to indent task logs) and the root logger's handlers around
     each task; the tasks of a ParallelFor run in threads and undo those swaps out of order, which
-    can leave every later `print` of the process indented by four spaces (kfp 2.14).
+    can leave every later `print` of the process indented by four spaces (kfp 2.17).
     """
     root = logging.getLogger()
     saved_print, saved_handlers, saved_level = builtins.print, root.handlers[:], root.level
