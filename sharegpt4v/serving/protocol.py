@@ -1,6 +1,6 @@
 """What a served model accepts and answers, and the checks every request goes through.
 
-Pure Python + numpy + Pillow: no Triton, no torch. The Triton adapters (`serving/*/1/model.py`)
+Pure Python + numpy + Pillow: no Triton, no torch. The Triton adapter (`triton_model`)
 hand each request's input arrays to :func:`prepare_rows`; a request that fails a check gets
 its own error response (the message names the input and the problem), the rest of the batch
 is served.

@@ -8,7 +8,7 @@
   manifest.json             (written last by the exporter: every file + sha256)
 ```
 
-`model.py` is one thin adapter (`ADAPTER`, committed as `serving/*/1/model.py`); the config is
+`model.py` imports the one adapter class (`ADAPTER`, committed as `serving/*/1/model.py`); the config is
 rendered from the recipe's `serving` section: `KIND_GPU` for the cluster, `KIND_CPU` locally,
 `max_batch_size`, `dynamic_batching { max_queue_delay_microseconds }`, and the model's settings
 (weights folder, template, generation defaults, limits) as `parameters`. The committed
@@ -58,61 +58,12 @@ parameters [
 """
 
 
-# The model.py of every served model. Kept here as text (the core never imports Triton's
-# `triton_python_backend_utils`; the stub does, when it runs this file), so that an export works
-# wherever the package is installed; serving/*/1/model.py are its committed copies.
-ADAPTER = '''"""Triton Python-backend adapter: Triton tensors <-> `sharegpt4v.serving.engine.ServingEngine`.
+# The model.py of every served model: Triton looks `TritonPythonModel` up in this file; the class
+# lives in the core (`sharegpt4v.serving.triton_model`), which the serving image installs.
+# serving/*/1/model.py are its committed copies.
+ADAPTER = '''"""Triton Python-backend model: the class is `sharegpt4v.serving.triton_model.TritonPythonModel`."""
 
-The same file serves `captioner`, `chat` and the decoupled `chat_stream`: the model's
-`parameters` (config.pbtxt) say what it is and where its weights are; request checks,
-prompts and generation all live in the core package. Written by the exporter from
-`sharegpt4v.serving.repository.ADAPTER` (`python -m sharegpt4v.serving.repository` rewrites
-the committed copies under serving/).
-"""
-
-import json
-from pathlib import Path
-
-import triton_python_backend_utils as pb_utils
-
-from sharegpt4v.serving.engine import ServingEngine, device_for
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        device = device_for(args["model_instance_kind"], args["model_instance_device_id"])
-        self.engine = ServingEngine.load(version_dir, config.get("parameters", {}), device)
-        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
-
-    def _inputs(self, request):
-        tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.engine.input_names}
-        return {name: None if t is None else t.as_numpy() for name, t in tensors.items()}
-
-    @staticmethod
-    def _response(outputs=None, error=None):
-        if error is not None:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
-
-    def execute(self, requests):
-        inputs = [self._inputs(r) for r in requests]
-        if not self.decoupled:
-            try:
-                replies = self.engine.infer(inputs)
-            except Exception as exc:  # an engine failure fails this batch, not the server
-                return [self._response(error=f"internal error: {type(exc).__name__}: {exc}") for _ in requests]
-            return [self._response(reply.outputs, reply.error) for reply in replies]
-        senders = [r.get_response_sender() for r in requests]
-        try:
-            replies = self.engine.stream(inputs, lambda i, outputs: senders[i].send(self._response(outputs)))
-            finals = [self._response(reply.outputs, reply.error) for reply in replies]
-        except Exception as exc:
-            finals = [self._response(error=f"internal error: {type(exc).__name__}: {exc}") for _ in requests]
-        for sender, final in zip(senders, finals):
-            sender.send(final, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
+from sharegpt4v.serving.triton_model import TritonPythonModel  # noqa: F401  (Triton looks it up here)
 '''
 
 
