@@ -18,16 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import print_table, timed  # noqa: E402
+from bench.common import print_table, timed, tiny_captioner  # noqa: E402
 from sharegpt4v.captioning.engine import caption_prompt  # noqa: E402
-from sharegpt4v.captioning.records import CAPTION_INSTRUCTION  # noqa: E402
-from sharegpt4v.config import WorldConfig, load_recipe  # noqa: E402
-from sharegpt4v.modeling.builder import build_tiny  # noqa: E402
+from sharegpt4v.config import load_recipe  # noqa: E402
 from sharegpt4v.modeling.images import to_tensor  # noqa: E402
 from sharegpt4v.modeling.inference import InferenceEngine  # noqa: E402
-from sharegpt4v.modeling.templates import SYSTEM_PROMPT  # noqa: E402
-from sharegpt4v.modeling.tokenizer import train_tokenizer  # noqa: E402
-from sharegpt4v.world import make_sample  # noqa: E402
 
 
 def main() -> None:
@@ -43,12 +38,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     recipe = load_recipe("tiny")
-    samples = [make_sample(0, i, WorldConfig()) for i in range(max(300, args.images))]
-    texts = [s.metadata["detailed_caption"] for s in samples] + [s.metadata["brief_caption"] for s in samples]
-    texts += [f"{SYSTEM_PROMPT} USER: {CAPTION_INSTRUCTION} ASSISTANT:"] * 20
-    tokenizer = train_tokenizer(texts, recipe.model.language.vocab_size)
-    model, processor = build_tiny(recipe.model, tokenizer, seed=0)
-    images = [s.image for s in samples[: args.images]]
+    model, processor, images = tiny_captioner(recipe.model, args.images)
     n, new = args.images, args.tokens
 
     captioning = dataclasses.replace(recipe.captioning, batch_size=args.batch, max_new_tokens=new)
@@ -68,7 +58,7 @@ def main() -> None:
                 out = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                     max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id,
                 )
                 total += out.shape[1] - ids.shape[1]
         return total

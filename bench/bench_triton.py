@@ -24,16 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bench.common import print_table  # noqa: E402
-from sharegpt4v.captioning.records import CAPTION_INSTRUCTION  # noqa: E402
-from sharegpt4v.config import WorldConfig, load_recipe  # noqa: E402
-from sharegpt4v.modeling.builder import build_tiny, count_parameters, save_model  # noqa: E402
-from sharegpt4v.modeling.templates import SYSTEM_PROMPT  # noqa: E402
-from sharegpt4v.modeling.tokenizer import train_tokenizer  # noqa: E402
+from bench.common import print_table, tiny_captioner  # noqa: E402
+from sharegpt4v.config import load_recipe  # noqa: E402
+from sharegpt4v.modeling.builder import count_parameters, save_model  # noqa: E402
 from sharegpt4v.serving import client  # noqa: E402
 from sharegpt4v.serving.export import export_model_repository  # noqa: E402
 from sharegpt4v.serving.triton import start_triton  # noqa: E402
-from sharegpt4v.world import make_sample  # noqa: E402
 
 
 def run_load(url: str, protocol: str, images: list[bytes], clients: int, tokens: int) -> dict[str, float]:
@@ -89,12 +85,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     base = load_recipe("tiny")
-    samples = [make_sample(0, i, WorldConfig()) for i in range(max(300, args.requests))]
-    texts = [s.metadata["detailed_caption"] for s in samples] + [s.metadata["brief_caption"] for s in samples]
-    texts += [f"{SYSTEM_PROMPT} USER: {CAPTION_INSTRUCTION} ASSISTANT:"] * 20
-    tokenizer = train_tokenizer(texts, base.model.language.vocab_size)
-    model, processor = build_tiny(base.model, tokenizer, seed=0)
-    images = [s.image for s in samples[: args.requests]]
+    model, processor, images = tiny_captioner(base.model, args.requests)
     limit = max(args.tokens, base.serving.max_tokens_limit)
 
     cases = (

@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmarks: timing and a printed table with ratios."""
+"""Small helpers shared by the benchmarks: timing, a printed table with ratios, a tiny captioner."""
 
 from __future__ import annotations
 
@@ -27,3 +27,20 @@ def print_table(title: str, rows: list[dict[str, Any]], baseline: str, rate_key:
     for row in rows:
         cells = [f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         print(f"| {row['name']} | " + " | ".join(cells) + f" | {row[rate_key] / base:.2f}x |")
+
+
+def tiny_captioner(model_config: Any, n_images: int) -> tuple[Any, Any, list[Any]]:
+    """A tiny LLaVA built from `model_config` (random weights, seed 0), its tokenizer trained on the
+    synthetic world's captions and the captioning prompt, and `n_images` world images (PIL)."""
+    from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
+    from sharegpt4v.config import WorldConfig
+    from sharegpt4v.modeling.builder import build_tiny
+    from sharegpt4v.modeling.templates import SYSTEM_PROMPT
+    from sharegpt4v.modeling.tokenizer import train_tokenizer
+    from sharegpt4v.world import make_sample
+
+    samples = [make_sample(0, i, WorldConfig()) for i in range(max(300, n_images))]
+    texts = [s.metadata["detailed_caption"] for s in samples] + [s.metadata["brief_caption"] for s in samples]
+    texts += [f"{SYSTEM_PROMPT} USER: {CAPTION_INSTRUCTION} ASSISTANT:"] * 20
+    model, processor = build_tiny(model_config, train_tokenizer(texts, model_config.language.vocab_size), seed=0)
+    return model, processor, [s.image for s in samples[:n_images]]
