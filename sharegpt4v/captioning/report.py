@@ -171,10 +171,11 @@ def diversity(captions: list[str], top: int = 5) -> dict[str, Any]:
 
 
 def _fact_stats(ok: list[dict[str, Any]], scenes: dict[str, Any], dataset_ids: set[str]) -> dict[str, Any]:
-    from sharegpt4v.world import FACT_KINDS, score_caption
+    from sharegpt4v.world import SCORED_KINDS, score_caption
 
     recalls, hallucinated = [], []
-    by_kind: dict[str, list[float]] = {k: [] for k in FACT_KINDS}
+    by_kind: dict[str, list[float]] = {k: [] for k in SCORED_KINDS}
+    false_by_kind: dict[str, list[int]] = {k: [] for k in SCORED_KINDS}
     missing = no_scene = 0
     for record in ok:
         sid = str(record["id"])
@@ -190,6 +191,8 @@ def _fact_stats(ok: list[dict[str, Any]], scenes: dict[str, Any], dataset_ids: s
         hallucinated.append(score.hallucinated)
         for kind, value in score.recall_by_kind.items():
             by_kind[kind].append(value)
+        for kind, value in score.false_by_kind.items():
+            false_by_kind[kind].append(value)
     scored = len(recalls)
     return {
         "scored": scored,
@@ -200,6 +203,9 @@ def _fact_stats(ok: list[dict[str, Any]], scenes: dict[str, Any], dataset_ids: s
         "mean_hallucinated": round(statistics.fmean(hallucinated), 4) if scored else None,
         "captions_with_hallucination": round(sum(h > 0 for h in hallucinated) / scored, 4) if scored else None,
         "recall_by_kind": {k: round(statistics.fmean(v), 4) for k, v in by_kind.items() if v},
+        # false statements per caption, by kind (colour/shape: named but on no object of the scene)
+        "false_by_kind": {k: round(statistics.fmean(v), 4) for k, v in false_by_kind.items()
+                          if v and (by_kind[k] or any(v))},
     }
 
 
@@ -385,6 +391,7 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
         if s["facts"]:
             values["missing_in_dataset"] = s["facts"]["missing_in_dataset"]
             values.update({f"recall.{k}": v for k, v in s["facts"]["recall_by_kind"].items()})
+            values.update({f"false.{k}": v for k, v in s["facts"]["false_by_kind"].items()})
         out.update({f"{prefix}.{_metric_name(k)}": float(v) for k, v in values.items() if v is not None})
     return out
 
@@ -444,9 +451,9 @@ def make_plots(report: dict[str, Any]) -> dict[str, bytes]:
 
 
 def _fact_kind_order(kind: str) -> int:
-    from sharegpt4v.world import FACT_KINDS
+    from sharegpt4v.world import SCORED_KINDS
 
-    return FACT_KINDS.index(kind) if kind in FACT_KINDS else len(FACT_KINDS)
+    return SCORED_KINDS.index(kind) if kind in SCORED_KINDS else len(SCORED_KINDS)
 
 
 def _grouped_bars(groups: list[str], values: dict[str, list[float]], title: str, ylabel: str,
@@ -583,7 +590,9 @@ def _set_section(name: str, s: dict[str, Any], unit: str) -> str:
                 "missing_in_dataset", "no_scene")
         out.append(_table(keys, [tuple(f[k] for k in keys)]))
         if f["recall_by_kind"]:
-            out.append(_table(("recall by kind", *f["recall_by_kind"]), [("recall", *f["recall_by_kind"].values())]))
+            kinds = list(f["recall_by_kind"])
+            out.append(_table(("by kind", *kinds), [("recall", *f["recall_by_kind"].values()),
+                                                    ("false / caption", *(f["false_by_kind"].get(k, 0.0) for k in kinds))]))
     return "\n".join(out)
 
 

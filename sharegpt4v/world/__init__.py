@@ -6,6 +6,7 @@ VQA items, and it scores any caption by the facts it states (recall, hallucinati
 
 from sharegpt4v.world.facts import (
     FACT_KINDS,
+    SCORED_KINDS,
     CaptionScore,
     extract_facts,
     is_true,
@@ -35,7 +36,7 @@ from sharegpt4v.world.vocab import (
 from sharegpt4v.world.vqa import vqa_items
 
 __all__ = [
-    "ART_STYLES", "BACKGROUNDS", "COLOURS", "FACT_KINDS", "POSITIONS", "SHAPES", "SIZES", "SOURCES",
+    "ART_STYLES", "BACKGROUNDS", "COLOURS", "FACT_KINDS", "POSITIONS", "SCORED_KINDS", "SHAPES", "SIZES", "SOURCES",
     "STYLES", "TEXTURES", "WORDS",
     "CaptionScore", "Scene", "WorldObject", "WorldSample",
     "adjacent_relations", "brief_caption", "detailed_caption", "encode_png", "extract_facts", "is_true",

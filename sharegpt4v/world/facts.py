@@ -21,6 +21,23 @@ from sharegpt4v.world.scene import Scene
 from sharegpt4v.world.vocab import NUMBER_WORDS, POSITIONS, STYLES, WORDS
 
 FACT_KINDS = ("object", "size", "position", "count", "relation", "text", "background", "texture", "style")
+# Attribute kinds, read off the object mentions: is each object's colour (shape) named at all, bound to the
+# right shape (colour) or not? They show what a captioner sees before it binds attributes to objects. They
+# are reported beside the fact kinds, not counted in the overall recall and false facts (those would count
+# every wrong object twice).
+ATTRIBUTE_KINDS = ("colour", "shape")
+SCORED_KINDS = ("object", "colour", "shape", "size", "position", "count", "relation", "text", "background",
+                "texture", "style")
+
+
+def attribute_facts(facts: set[str]) -> set[str]:
+    """`colour|red` and `shape|circle` for every object fact in `facts`."""
+    out = set()
+    for fact in facts:
+        if fact.startswith("object|"):
+            _, colour, shape = fact.split("|")
+            out |= {f"colour|{colour}", f"shape|{shape}"}
+    return out
 
 
 def scene_facts(scene: Scene) -> set[str]:
@@ -80,21 +97,26 @@ class CaptionScore:
     stated: int
     missing: list[str] = field(default_factory=list)
     false: list[str] = field(default_factory=list)
-    recall_by_kind: dict[str, float] = field(default_factory=dict)
+    recall_by_kind: dict[str, float] = field(default_factory=dict)  # every kind of SCORED_KINDS the scene has
+    false_by_kind: dict[str, int] = field(default_factory=dict)  # false statements per kind of SCORED_KINDS
 
 
 def score_caption(caption: str, scene: Scene) -> CaptionScore:
     stated = extract_facts(caption)
     required = scene_facts(scene)
-    by_kind: dict[str, float] = {}
-    for kind in FACT_KINDS:
-        need = {f for f in required if f.startswith(kind + "|")}
-        if need:
-            by_kind[kind] = len(need & stated) / len(need)
     false = sorted(f for f in stated if not is_true(scene, f))
+    stated_all, required_all = stated | attribute_facts(stated), required | attribute_facts(required)
+    by_kind: dict[str, float] = {}
+    false_by_kind: dict[str, int] = {}
+    for kind in SCORED_KINDS:
+        need = {f for f in required_all if f.startswith(kind + "|")}
+        if need:
+            by_kind[kind] = len(need & stated_all) / len(need)
+        false_by_kind[kind] = sum(1 for f in stated_all - required_all if f.startswith(kind + "|")
+                                  and (kind in ATTRIBUTE_KINDS or not is_true(scene, f)))
     return CaptionScore(
         recall=len(stated & required) / len(required), hallucinated=len(false), stated=len(stated),
-        missing=sorted(required - stated), false=false, recall_by_kind=by_kind,
+        missing=sorted(required - stated), false=false, recall_by_kind=by_kind, false_by_kind=false_by_kind,
     )
 
 

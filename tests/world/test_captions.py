@@ -85,6 +85,22 @@ def test_swapping_an_object_colour_is_a_hallucination(scenes):
         assert f"object|{new}|{o.shape}" in score.false and score.hallucinated >= 1
 
 
+def test_scores_by_kind_separate_seeing_an_attribute_from_binding_it():
+    scene = Scene("k", "photo", "photo", "white", "plain", (
+        WorldObject("circle", "red", "large", 0, 0), WorldObject("square", "blue", "small", 2, 2)))
+    # Both colours and both shapes named, but bound the wrong way round; nothing else said.
+    score = score_caption("A red square and a blue circle.", scene)
+    assert score.recall_by_kind["colour"] == score.recall_by_kind["shape"] == 1.0
+    assert score.recall_by_kind["object"] == 0.0
+    assert score.false_by_kind["object"] == 2 and score.false_by_kind["colour"] == score.false_by_kind["shape"] == 0
+    # The overall false facts are the fact kinds' sum; colour/shape are not counted twice.
+    assert score.hallucinated == sum(score.false_by_kind[k] for k in FACT_KINDS) == 2
+    # A colour on no object at all is a false colour.
+    wrong = score_caption("A green circle sits in the top left corner.", scene)
+    assert wrong.false_by_kind["colour"] == 1 and wrong.recall_by_kind["shape"] == 0.5
+    assert wrong.false_by_kind["position"] == 1 and wrong.recall_by_kind["position"] == 0.0
+
+
 def test_mirroring_left_and_right_is_a_hallucination(scenes):
     checked = 0
     for s in scenes[:150]:
