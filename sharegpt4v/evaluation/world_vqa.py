@@ -13,7 +13,10 @@ Three kinds, scored the way their public counterparts are:
 
 Each kind is also reported per category, with its number of world `questions` (the top-level
 `questions` counts prompts asked: 4 per MC question). `overall` = mean of yes/no `acc`, MC `circular` and
-short `acc` (over the kinds present), in [0, 1]: the champion metric by default. `limit` caps
+short `acc` (over the kinds present), in [0, 1]: the champion metric by default. The headlines that
+mirror the paper's benchmarks, with standard errors, are `perception` (MME-style, 0-100),
+`mc.circular_headline` (MMBench-style, constant-answer categories left out) and `short.acc`
+(see `score_world`). `limit` caps
 the number of world questions (an MC question's rotations count once; a yes/no pair is never
 split, so the cap may leave one question fewer, and `limit=1` gives a whole pair).
 """
@@ -82,7 +85,31 @@ def _per_category(rows: list[tuple[str, Any]], fn: Any) -> dict[str, float]:
     return {c: fn(v) for c, v in sorted(by.items())}
 
 
+def _se(values: Sequence[float]) -> float:
+    """Standard error of a mean (sample standard deviation / sqrt(n))."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    m = sum(values) / n
+    return (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def _pooled_se(errors: Sequence[float]) -> float:
+    """Standard error of the mean of independent category scores."""
+    return (sum(e * e for e in errors) ** 0.5) / len(errors) if errors else 0.0
+
+
 def score_world(questions: Sequence[Question], texts: Sequence[str | None]) -> dict[str, Any]:
+    """Accuracies per kind and category, and the three headlines that mirror the paper's benchmarks.
+
+    - `perception` (0-100, MME-style): per yes/no category, (acc + acc+) / 2 over its pairs; the mean
+      over categories, i.e. MME's sum divided by its maximum.
+    - `mc.circular_headline`: MMBench-style circular accuracy over the categories whose answer is not
+      constant (a question every image answers the same way, such as the style of a photo-only world,
+      tells nothing about seeing); the constant ones are listed in `mc.constant_categories`.
+    - `short.acc`: exact-match accuracy of short answers.
+    Each comes with its standard error (`*_se`). `overall` = mean of yes/no acc, MC circular and short acc.
+    """
     rows: dict[str, list[tuple[Question, bool]]] = {k: [] for k in KINDS}
     for q, text in zip(questions, texts):
         kind = q.meta["kind"]
@@ -100,34 +127,54 @@ def score_world(questions: Sequence[Question], texts: Sequence[str | None]) -> d
     if rows["yesno"]:
         pairs = group_all((q.meta["pair"], r) for q, r in rows["yesno"])
         pair_category = {q.meta["pair"]: str(q.category) for q, _ in rows["yesno"]}
+        right_in_pair: dict[Any, list[bool]] = {}
+        for q, r in rows["yesno"]:
+            right_in_pair.setdefault(q.meta["pair"], []).append(r)
+        # Per pair: (share of its questions right + all right) / 2; a category's MME score is their mean.
+        pair_score = {p: (sum(rs) / len(rs) + pairs[p]) / 2 for p, rs in right_in_pair.items()}
         acc_by = _per_category([(str(q.category), r) for q, r in rows["yesno"]], mean)
         plus_by = _per_category([(pair_category[p], hit) for p, hit in pairs.items()], mean)
+        score_by = _per_category([(pair_category[p], v) for p, v in pair_score.items()], list)
+        categories = {c: {"acc": acc_by[c], "acc_plus": plus_by[c], "score": 100 * mean(score_by[c]),
+                          "score_se": 100 * _se(score_by[c]), "pairs": len(score_by[c])} for c in acc_by}
         result["yesno"] = {
             "acc": mean(r for _, r in rows["yesno"]),
             "acc_plus": mean(pairs.values()),
             "questions": len(rows["yesno"]),
             "pairs": len(pairs),
-            "categories": {c: {"acc": acc_by[c], "acc_plus": plus_by[c]} for c in acc_by},
+            "categories": categories,
         }
+        result["perception"] = mean(c["score"] for c in categories.values())
+        result["perception_se"] = _pooled_se([c["score_se"] for c in categories.values()])
         headline.append(result["yesno"]["acc"])
     if rows["mc"]:
         groups = group_all((q.meta["group"], r) for q, r in rows["mc"])
         group_category = {q.meta["group"]: str(q.category) for q, _ in rows["mc"]}
+        answers_by = _per_category([(str(q.category), q.meta["options"][LETTERS.index(q.answer)])
+                                    for q, _ in rows["mc"] if q.meta["round"] == 0], set)
+        constant = sorted(c for c, answers in answers_by.items() if len(answers) == 1)
         vanilla = [(str(q.category), r) for q, r in rows["mc"] if q.meta["round"] == 0]
         circular = _per_category([(group_category[g], hit) for g, hit in groups.items()], mean)
         vanilla_by = _per_category(vanilla, mean)
+        informative = [float(hit) for g, hit in groups.items() if group_category[g] not in constant]
         result["mc"] = {
             "circular": mean(groups.values()),
             "vanilla": mean(r for _, r in vanilla),
+            "circular_headline": mean(informative),
+            "circular_headline_se": _se(informative),
+            "constant_categories": constant,
             "questions": len(groups),
             "categories": {c: {"circular": circular[c], "vanilla": vanilla_by.get(c, 0.0)} for c in circular},
         }
         headline.append(result["mc"]["circular"])
     if rows["short"]:
+        hits = [float(r) for _, r in rows["short"]]
+        by = _per_category([(str(q.category), float(r)) for q, r in rows["short"]], list)
         result["short"] = {
-            "acc": mean(r for _, r in rows["short"]),
+            "acc": mean(hits),
+            "acc_se": _se(hits),
             "questions": len(rows["short"]),
-            "categories": {c: {"acc": v} for c, v in _per_category([(str(q.category), r) for q, r in rows["short"]], mean).items()},
+            "categories": {c: {"acc": mean(v), "acc_se": _se(v), "questions": len(v)} for c, v in by.items()},
         }
         headline.append(result["short"]["acc"])
     return {"overall": mean(headline), **result}

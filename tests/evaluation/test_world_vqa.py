@@ -11,8 +11,8 @@ import pytest
 from sharegpt4v.config import load_recipe
 from sharegpt4v.data.shards import open_dataset, sample_meta
 from sharegpt4v.evaluation import BenchmarkError, evaluate, flat_metrics, get_benchmark, parse_jsonl, score_answers
-from sharegpt4v.evaluation.common import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT
-from sharegpt4v.evaluation.world_vqa import item_questions
+from sharegpt4v.evaluation.common import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT, Question, rotate
+from sharegpt4v.evaluation.world_vqa import item_questions, score_world
 from tests.evaluation.builders import Scripted, oracle
 from tests.modeling.fixtures import tiny_model
 
@@ -56,12 +56,16 @@ def test_oracle_scores_one_everywhere_and_always_yes_scores_half(world_uri: str)
         return bench.score(questions, [bench.record(q, t, "m") for q, t in zip(questions, texts)])
 
     perfect = score(oracle())
-    assert all(value == 1.0 for key, value in flat_metrics(perfect).items() if not key.endswith(("questions", "pairs", "missing")))
-    assert perfect["overall"] == 1.0 and perfect["missing"] == 0
+    flat = flat_metrics(perfect)
+    assert all(value == 1.0 for key, value in flat.items()
+               if not key.endswith(("questions", "pairs", "missing", "_se", "score", "perception")))
+    assert all(value == 0.0 for key, value in flat.items() if key.endswith("_se"))
+    assert perfect["perception"] == 100.0 and perfect["overall"] == 1.0 and perfect["missing"] == 0
     assert set(perfect["yesno"]["categories"]) >= {"existence", "count", "position", "colour"}
     yes = score(Scripted(lambda q: "Yes"))
     assert yes["yesno"]["acc"] == 0.5 and yes["yesno"]["acc_plus"] == 0.0
-    assert all(c == {"acc": 0.5, "acc_plus": 0.0} for c in yes["yesno"]["categories"].values())
+    assert all((c["acc"], c["acc_plus"], c["score"]) == (0.5, 0.0, 25.0) for c in yes["yesno"]["categories"].values())
+    assert yes["perception"] == 25.0  # MME's floor for a model that cannot see: half right, no pair right
     assert yes["mc"]["circular"] == 0.0 and yes["short"]["acc"] == 0.0
     assert yes["overall"] == pytest.approx(0.5 / 3)
     # Always "A": right on exactly one rotation of every question -> vanilla at chance, circular 0.
@@ -71,6 +75,37 @@ def test_oracle_scores_one_everywhere_and_always_yes_scores_half(world_uri: str)
     words = {"0": "Zero", "1": "one", "2": "Two.", "3": "three!", "4": "FOUR", "5": "five", "6": "six"}
     spelled = score(Scripted(lambda q: words.get(str(q.answer), str(q.answer).upper() + ".")))
     assert spelled["short"]["acc"] == 1.0
+
+
+def test_headlines_leave_out_constant_answers_and_carry_standard_errors() -> None:
+    def q(qid: str, kind: str, category: str, answer: str, **meta: object) -> Question:
+        return Question(qid, None, "p", answer, category, {"kind": kind, **meta})
+
+    options = ["photo", "poster", "sketch", "pop art"]
+    questions = [
+        # style: always "photo" (constant: a blind model gets it right), colour varies
+        *[q(f"s{i}-r{k}", "mc", "style", "ABCD"[k], group=f"s{i}", round=k, options=rotate(options, k))
+          for i in range(4) for k in range(4)],
+        *[q(f"c{i}-r{k}", "mc", "colour", "ABCD"[(i + k) % 4], group=f"c{i}", round=k,
+            options=rotate(["red", "blue", "green", "pink"], k)) for i in range(4) for k in range(4)],
+        # one yes/no pair per image: the model gets pair 0 fully right, pair 1 half right
+        q("p0a", "yesno", "colour", "yes", pair="p0"), q("p0b", "yesno", "colour", "no", pair="p0"),
+        q("p1a", "yesno", "colour", "yes", pair="p1"), q("p1b", "yesno", "colour", "no", pair="p1"),
+    ]
+    texts = []
+    for question in questions:
+        if question.meta["kind"] == "yesno":
+            texts.append("yes" if question.id != "p0b" else "no")
+        else:
+            texts.append(question.answer if question.category == "style" else "A")  # sees style, not colour
+    result = score_world(questions, texts)
+    assert result["mc"]["constant_categories"] == ["style"]
+    assert result["mc"]["circular"] == 0.5 and result["mc"]["circular_headline"] == 0.0
+    colour = result["yesno"]["categories"]["colour"]
+    assert (colour["acc"], colour["acc_plus"]) == (0.75, 0.5)
+    # per pair (share right + all right) / 2: 1.0 and 0.25 -> 62.5 with the standard error of two values
+    assert colour["score"] == result["perception"] == pytest.approx(62.5)
+    assert colour["score_se"] == pytest.approx(100 * 0.75 / 2 ** 0.5 / 2 ** 0.5)
 
 
 @pytest.mark.parametrize("limit", [1, 12, 13, 30])
