@@ -250,6 +250,7 @@ def llava_config(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             tie_word_embeddings=False,
+            initializer_range=lang.initializer_range,  # LLaVA inits its projector with the text config's too
         )
     tokens = (vision_config.image_size // vision_config.patch_size) ** 2
     if tokens != model_cfg.image_tokens:
