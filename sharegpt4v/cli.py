@@ -248,23 +248,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_experiment_ablation(args: argparse.Namespace) -> int:
     from sharegpt4v.config import load_recipe
-    from sharegpt4v.experiments.ablation import (
-        ABLATION_OVERRIDES,
-        ARMS,
-        AblationPlan,
-        log_summary,
-        results_table,
-        run_ablation,
-    )
+    from sharegpt4v.experiments.ablation import ABLATION_OVERRIDES, ARMS, AblationPlan, run_ablation
+    from sharegpt4v.experiments.summary import log_summary, results_table
 
     recipe = load_recipe(args.profile, [*ABLATION_OVERRIDES, *args.overrides])
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise CommandError(f"--arms: unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
-    seeds = tuple(int(s) for s in args.seeds.split(","))
-    plan = AblationPlan(out=args.out, images=args.images, arms=arms, seeds=seeds, lanes=args.lanes,
-                        warmup_steps=args.warmup_steps)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise CommandError(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
+    try:
+        plan = AblationPlan(out=args.out, images=args.images, world_seed=args.world_seed, arms=arms, seeds=seeds,
+                            lanes=args.lanes)
+    except ValueError as exc:
+        raise CommandError(f"--{exc}") from None
     summary = run_ablation(recipe, plan)
     log_summary(summary)
     print(results_table(summary), end="")
@@ -687,11 +687,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(experiment, "ablation", cmd_experiment_ablation,
             "the paper's ablation in miniature: brief vs detailed captions, full vs projector-only pretraining")
     p.add_argument("--out", default=".local/ablation", help="folder (local or s3://) for the world, runs and results")
-    p.add_argument("--arms", default="A,B,C", help="comma-separated: A (brief), B (detailed), C (projector-only), none")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--images", type=int, default=16000, help="synthetic world size (train: pretraining, val: SFT, test: evaluation)")
+    p.add_argument("--arms", default="A,B,D,C,shuffled,none",
+                   help="comma-separated: A (brief), B (teacher-detailed), D (captioner-detailed), C (projector-only), "
+                        "shuffled (B's captions on other images), none (no pretraining)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (the captioner is trained once, with the first)")
+    p.add_argument("--world-seed", type=int, default=0, help="seed of the synthetic world")
+    p.add_argument("--images", type=int, default=16000,
+                   help="synthetic world size (train: foundations + pretraining, val: seed captions + SFT, test: evaluation)")
     p.add_argument("--lanes", type=int, default=2, help="runs in parallel (one per core)")
-    p.add_argument("--warmup-steps", type=int, default=300, help="text-only warm start of the language model")
     _recipe_args(p)
 
     evaluation = sub.add_parser("eval", help="benchmarks").add_subparsers(dest="action", required=True)

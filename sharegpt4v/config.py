@@ -156,6 +156,7 @@ class FoundationsConfig:
     # Position embeddings drawn this large at init, so that every image token says which grid cell it is
     # (HF's 0.02 leaves them at ~4% of a token's norm and the contrastive loss has no reason to keep them).
     vision_position_init_std: float = 0.5
+    vision_alt_text: Literal["names", "names+size", "names+size+position"] = "names"  # what the alt text says
     language_steps: int = 600
     language_batch_size: int = 32
     language_learning_rate: float = 1e-3
@@ -478,6 +479,15 @@ def load_recipe(profile: str = "tiny", overrides: list[str] | tuple[str, ...] = 
     data.setdefault("profile", path.stem)
     # Start from the defaults so that a partial mapping (world.sources.art=0) merges into them.
     data = _merge(RecipeConfig().to_dict(), data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        _set_path(data, parts, value)
+    return recipe_from_dict(data)
+
+
+def with_overrides(recipe: RecipeConfig, overrides: list[str] | tuple[str, ...]) -> RecipeConfig:
+    """`recipe` with `key.sub=value` overrides applied, validated like a loaded profile."""
+    data = recipe.to_dict()
     for item in overrides:
         parts, value = parse_override(item)
         _set_path(data, parts, value)

@@ -112,6 +112,15 @@ def log_image(image: Any, artifact_file: str) -> None:
         mlflow.log_image(image, artifact_file)
 
 
+def log_text(text: str, artifact_file: str) -> None:
+    if not tracking_enabled():
+        return
+    mlflow = _mlflow()
+
+    if mlflow.active_run() is not None:
+        mlflow.log_text(text, artifact_file)
+
+
 def log_dict(data: dict[str, Any], artifact_file: str) -> None:
     if not tracking_enabled():
         return

@@ -1,69 +1,83 @@
-"""The paper's central ablation in miniature: do detailed captions make a better LMM?
+"""The paper's whole chain in miniature, as an ablation: do detailed captions make a better LMM, and does
+a trained captioner write them nearly as well as its teacher?
 
-Arms (RECIPE.md): (A) brief captions, full pretraining; (B) detailed captions, full
-pretraining; (C) detailed captions, projector-only pretraining. Every arm starts from the same
-warm-started tiny model (its language model first learns the world's text, as Vicuna is already
-a language model in the paper), then pretrains, is instruction-tuned on the same VQA mix and is
-evaluated on held-out images with the world's VQA benchmark. Each (arm, seed) is an MLflow run
-in one experiment, so the arms compare side by side; the summary is mean ± std over seeds.
+One world, one set of foundations (the CLIP and Vicuna stand-ins, `training.foundations`), then per seed:
+
+    A         pretraining on brief captions (COCO-like; LLaVA-1.5's stage)
+    B         pretraining on the teacher's detailed captions
+    D         pretraining on the captioner's detailed captions of the same images (ShareGPT4V-PT)
+    C         B's captions, projector-only pretraining (LLM and ViT frozen)
+    shuffled  B's captions shuffled across images (words without the picture): must fall to A or below
+    none      no pretraining
+
+and every arm gets the same SFT (VQA of other images, ViT frozen) and is evaluated on the whole test
+split. The captioner (once, with the first seed) is fine-tuned from A's pretrained model on the
+teacher's captions of the seed split (Share-Captioner starts from a pretrained LMM), then captions
+the pretraining corpus (the train split, images it never saw) for D, and is scored on the test split
+beside the teacher. Two blind rows show what needs no eyes: the majority answer per question template
+(learnt from the SFT items) and B's chat model asked with a blank image. Each (arm, seed) is an MLflow
+run in one experiment; `results.json` / `results.md` land in `out`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
-import random
-import statistics
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from sharegpt4v import storage, tracking
-from sharegpt4v.config import RecipeConfig, recipe_from_dict
+from sharegpt4v.config import RecipeConfig, load_recipe, recipe_from_dict, with_overrides
+from sharegpt4v.experiments.summary import log_summary, results_table, summarize  # noqa: F401 (re-exported)
 
 EXPERIMENT = "sharegpt4v-ablation"
 
 ARMS: dict[str, dict[str, Any]] = {
-    "A": {"label": "brief captions, full pretraining", "pretrain": {"caption_field": "brief_caption"}},
-    "B": {"label": "detailed captions, full pretraining", "pretrain": {"caption_field": "detailed_caption"}},
-    "C": {"label": "detailed captions, projector-only pretraining",
+    "A": {"label": "brief captions", "pretrain": {"caption_field": "brief_caption"}},
+    "B": {"label": "teacher-detailed captions", "pretrain": {"caption_field": "detailed_caption"}},
+    "D": {"label": "captioner-detailed captions (ShareGPT4V-PT)", "pretrain": {}, "captions": "captioner"},
+    "C": {"label": "teacher-detailed, projector-only",
           "pretrain": {"caption_field": "detailed_caption", "train_llm": False, "vit_unfreeze_from": None}},
-    "none": {"label": "no pretraining (warm start -> SFT)", "pretrain": None},
+    "shuffled": {"label": "teacher-detailed, shuffled across images", "pretrain": {}, "captions": "shuffled"},
+    "none": {"label": "no pretraining", "pretrain": None},
 }
+DEFAULT_ARMS = ("A", "B", "D", "C", "shuffled", "none")
 
-# The tiny profile, adjusted for the ablation (RECIPE.md's measured miniature): 32 px photo-like scenes
-# of 1-3 shapes without words (unreadable at 32 px); pretraining on ~12.8K train images; SFT on a small
-# VQA set drawn from other images (the val split), enough steps for every arm to fit it; the ViT is
-# frozen in SFT, so what it learnt in pretraining is what the arm has to answer with.
+# The miniature (README, science section): 48 px photo-like scenes of 1-3 shapes on a 3x3 grid, no
+# printed words; one image token per grid cell (48 px / patch 16). The foundations come from the
+# train split; pretraining reads the train split, the captioner's seed captions and SFT the val split,
+# evaluation the whole test split.
 ABLATION_OVERRIDES = (
-    "world.image_size=32", "world.max_objects=3", "world.sources.text=0", "world.sources.art=0",
-    "world.text_probability=0",
-    "pretrain.epochs=3", "pretrain.max_steps=1000", "pretrain.learning_rate=2e-3", "pretrain.warmup_ratio=0.05",
-    "sft.max_samples=6000", "sft.epochs=1", "sft.max_steps=375", "sft.learning_rate=5e-4",
+    "world.image_size=48", "world.max_objects=3", "world.sources.text=0", "world.sources.art=0",
+    "world.text_probability=0", "world.splits.train=0.8", "world.splits.val=0.15", "world.splits.test=0.05",
     "sft.mix.conversations=0", "sft.mix.captions=0",
-    "eval.split=test", "eval.limit=2000", "eval.max_new_tokens=8",
+    "eval.split=test", "eval.limit=null", "eval.max_new_tokens=4", "eval.batch_size=64",
 )
-
-# What the results table reports, in this order. Short answers (exact match) are where a tiny model
-# shows what its vision tower learnt; yes/no and circular multiple choice stay near chance at this scale.
-METRICS = {  # metric -> column label
-    "world-vqa.short.acc": "short answers", "world-vqa.short.categories.colour.acc": "short: colour",
-    "world-vqa.short.categories.count.acc": "short: count", "world-vqa.overall": "overall",
-    "world-vqa.yesno.acc": "yes/no acc", "world-vqa.mc.vanilla": "MC vanilla", "world-vqa.mc.circular": "MC circular",
-}
 
 
 @dataclasses.dataclass
 class AblationPlan:
     out: str
     images: int = 16000
-    sft_split: str = "val"  # SFT images are not the pretraining images (train) nor the evaluated ones (test)
-    arms: tuple[str, ...] = ("A", "B", "C")
+    world_seed: int = 0
+    arms: tuple[str, ...] = DEFAULT_ARMS
     seeds: tuple[int, ...] = (0, 1, 2)
-    warmup_steps: int = 300  # text-only language-model warm start
-    lanes: int = 2  # arm runs in parallel (one CPU thread each on a 2-core machine)
+    corpus_split: str = "train"  # pretraining images (and what the captioner captions for D)
+    seed_split: str = "val"  # the teacher's seed captions the captioner is trained on
+    sft_split: str = "val"  # SFT questions: images that pretraining never saw
+    lanes: int = 2  # runs in parallel (one CPU thread each on a 2-core machine)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.arms) - set(ARMS)
+        if unknown:
+            raise ValueError(f"arms: unknown {sorted(unknown)}; known: {', '.join(ARMS)}")
+        if not self.seeds or not self.arms:
+            raise ValueError("arms and seeds: name at least one of each")
+        if self.images < 10:
+            raise ValueError("images: a world needs at least 10 images for its three splits")
+        if self.lanes < 1:
+            raise ValueError("lanes: at least 1")
 
 
 def ablation_recipe(base: RecipeConfig, arm: str, seed: int) -> RecipeConfig:
@@ -74,153 +88,181 @@ def ablation_recipe(base: RecipeConfig, arm: str, seed: int) -> RecipeConfig:
     return recipe_from_dict(data)
 
 
-def _text_corpus(world_uri: str, split: str = "train") -> Iterator[str]:
-    from sharegpt4v.data.shards import open_dataset, sample_meta
-
-    for sample in open_dataset(world_uri).samples(split):
-        meta = sample_meta(sample)
-        yield meta["brief_caption"]
-        yield meta["detailed_caption"]
-        for item in meta["vqa"]:
-            options = " ".join(item.get("options", []))
-            yield f"{item['question']} {options} {item['answer']}".strip()
+# the captioner chain -----------------------------------------------------------------------------------
 
 
-def warm_start(recipe: RecipeConfig, world_uri: str, out: str, steps: int) -> str:
-    """A tiny LLaVA whose language model has learnt the world's text (captions and QA) first."""
-    import torch
-
-    from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
-    from sharegpt4v.modeling.builder import build_tiny, save_model
-    from sharegpt4v.modeling.templates import SYSTEM_PROMPT
-    from sharegpt4v.modeling.tokenizer import train_tokenizer
-
-    if storage.open_store(out).is_complete():
-        return out
-    texts = list(_text_corpus(world_uri))
-    lm = recipe.model.language
-    tokenizer = train_tokenizer([*texts, SYSTEM_PROMPT, CAPTION_INSTRUCTION], lm.vocab_size, lm.max_length)
-    torch.manual_seed(recipe.seed)
-    model, processor = build_tiny(recipe.model, tokenizer, seed=recipe.seed)
-    language = model.model.language_model
-    params = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_tower", "model.multi_modal"))]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    rng = random.Random(recipe.seed)
-    model.train()
-    for step in range(steps):
-        batch = rng.sample(texts, 32)
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=lm.max_length)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        hidden = language(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        logits = model.lm_head(hidden)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / max(1, steps // 20)) * (0.1 + 0.9 * (1 - step / steps))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    save_model(model, processor, out, warm_start_steps=steps, final_text_loss=float(loss.detach()))
-    return out
-
-
-def run_arm(base: RecipeConfig, arm: str, seed: int, world_uri: str, warm_uri: str, out: str,
-            sft_split: str = "val") -> dict[str, Any]:
-    """Pretrain (unless the arm has none), SFT and evaluate one arm with one seed; returns its metrics."""
-    from sharegpt4v.evaluation import evaluate, flat_metrics
+def captioner_chain(recipe: RecipeConfig, plan: AblationPlan, world: str) -> dict[str, Any]:
+    """A's pretraining (first seed) -> captioner on the seed split's teacher captions -> corpus captions for
+    D -> the captioner scored on the test split beside the teacher, the brief captions and a blank image."""
+    from sharegpt4v.captioning.engine import make_captioner
+    from sharegpt4v.captioning.job import run_caption_job
+    from sharegpt4v.captioning.report import report_metrics, run_report, world_caption_sets
+    from sharegpt4v.training.data import StageInputs
     from sharegpt4v.training.run import launch
 
-    recipe = ablation_recipe(base, arm, seed)
+    seed = plan.seeds[0]
     started = time.perf_counter()
-    params = {"arm": arm, "arm.label": ARMS[arm]["label"], "seed": seed, **recipe.flat()}
+    a = ablation_recipe(recipe, "A", seed)
+    base = launch("pretrain", a, StageInputs([world], split=plan.corpus_split), _run_dir(plan, "A", seed) + "/pretrain")
+    captioner = launch("captioner", a, StageInputs([world], split=plan.seed_split), f"{plan.out}/captioner/model",
+                       init=base.checkpoint_uri)
+    engine = make_captioner(captioner.checkpoint_uri, a, device=a.compute.device, name="share-captioner")
+    corpus = f"{plan.out}/captioner/corpus"
+    held_out = f"{plan.out}/captioner/test"
+    for split, out in ((plan.corpus_split, corpus), ("test", held_out)):
+        summary = run_caption_job(world, out, engine, batch_size=a.captioning.batch_size, split=split, progress=False)
+        if not summary.complete:
+            raise RuntimeError(f"captioning {split} did not finish: {summary.to_dict()}")
+    blank = _blank_captions(engine, world, f"{plan.out}/captioner/blank", limit=64)
+    sets = {"captioner": held_out, **world_caption_sets(world, "test"), "captioner (blank image)": blank}
+    sets = {{"world:detailed": "teacher", "world:brief": "brief"}.get(k, k): v for k, v in sets.items()}
+    report = run_report(sets, f"{plan.out}/captioner/report", dataset_uri=world, split="test", samples=8)
+    return {"checkpoint": captioner.checkpoint_uri, "base": base.checkpoint_uri, "corpus": corpus,
+            "report": f"{plan.out}/captioner/report", "metrics": report_metrics(report),
+            "quality": {name: report["sets"][name]["facts"] for name in report["sets"] if report["sets"][name]["facts"]},
+            "minutes": (time.perf_counter() - started) / 60}
+
+
+def _blank_captions(engine: Any, world: str, out: str, limit: int) -> list[dict[str, Any]]:
+    """The captioner's captions of `limit` test images when it is shown a blank image instead."""
+    from sharegpt4v.captioning.records import CaptionRequest, make_record
+    from sharegpt4v.data.shards import open_dataset, sample_meta
+    from sharegpt4v.evaluation.blind import blank_image
+
+    image = blank_image()
+    requests = []
+    for sample in open_dataset(world).samples("test"):
+        requests.append(CaptionRequest(str(sample_meta(sample)["id"]), image, "photo", ""))
+        if len(requests) >= limit:
+            break
+    return [make_record(q, r, engine.name) for q, r in zip(requests, engine.caption_batch(requests))]
+
+
+# one arm ----------------------------------------------------------------------------------------------
+
+
+def _run_dir(plan: AblationPlan, arm: str, seed: int) -> str:
+    return f"{plan.out}/runs/{arm}-seed-{seed}"
+
+
+def run_arm(recipe: RecipeConfig, arm: str, seed: int, world: str, out: str, plan: AblationPlan,
+            captions: dict[str, str]) -> dict[str, Any]:
+    """Pretrain (unless the arm has none), SFT and evaluate one arm with one seed; returns its metrics."""
+    from sharegpt4v.evaluation import evaluate, flat_metrics
+    from sharegpt4v.training.data import StageInputs
+    from sharegpt4v.training.run import launch
+
+    r = ablation_recipe(recipe, arm, seed)
+    started = time.perf_counter()
+    params = {"arm": arm, "arm.label": ARMS[arm]["label"], "seed": seed, **r.flat()}
     with tracking.stage_run(f"arm-{arm}-seed-{seed}", params, tags={"arm": arm, "seed": str(seed)}) as run:
-        init = warm_uri
-        if ARMS[arm]["pretrain"]:
-            init = launch("pretrain", recipe, world_uri, f"{out}/pretrain", init=warm_uri).checkpoint_uri
-        sft = launch("sft", recipe, {"data": [world_uri], "split": sft_split}, f"{out}/sft", init=init)
-        results = evaluate(sft.checkpoint_uri, recipe, dataset_uri=world_uri, out=f"{out}/eval")
-        every = flat_metrics(results)
-        metrics = {k: v for k, v in every.items() if k in METRICS}
-        metrics["minutes"] = (time.perf_counter() - started) / 60
-        tracking.log_metrics({**every, "minutes": metrics["minutes"]})
-        return {"arm": arm, "seed": seed, "metrics": metrics, "all_metrics": every,
-                "run_id": run.info.run_id if run else None}
+        init = None
+        if ARMS[arm]["pretrain"] is not None:
+            source = ARMS[arm].get("captions")
+            inputs = StageInputs([world], captions=captions[source] if source else None, split=plan.corpus_split)
+            init = launch("pretrain", r, inputs, f"{out}/pretrain").checkpoint_uri
+        sft = launch("sft", r, StageInputs([world], split=plan.sft_split), f"{out}/sft", init=init)
+        results = evaluate(sft.checkpoint_uri, r, dataset_uri=world, out=f"{out}/eval")
+        metrics = flat_metrics(results)
+        outcome: dict[str, Any] = {"arm": arm, "seed": seed, "metrics": metrics}
+        if arm == "B":  # the same model without its eyes: the second blind row
+            from sharegpt4v.evaluation.blind import BlankImageAnswerer
+            from sharegpt4v.evaluation.run import as_answerer
+
+            answerer, _ = as_answerer(sft.checkpoint_uri, r)
+            blind = evaluate(BlankImageAnswerer(answerer), r, dataset_uri=world, out=f"{out}/eval-blank-image")
+            outcome["blank_image_metrics"] = flat_metrics(blind)
+        outcome["minutes"] = (time.perf_counter() - started) / 60
+        tracking.log_metrics({**metrics, "minutes": outcome["minutes"]})
+        outcome["run_id"] = run.info.run_id if run else None
+        return outcome
 
 
-def _worker(job: tuple[dict[str, Any], str, int, str, str, str, str, int]) -> dict[str, Any]:
-    recipe_dict, arm, seed, world_uri, warm_uri, out, sft_split, threads = job
+def _worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    torch.set_num_threads(threads)
-    result_store = storage.open_store(out)
-    if result_store.exists("result.json"):  # a rerun after a kill keeps finished arms
-        return result_store.get_json("result.json")
+    torch.set_num_threads(job["threads"])
+    plan = AblationPlan(**job["plan"])
+    if job["kind"] == "captioner":
+        store = storage.open_store(f"{plan.out}/captioner")
+        if store.exists("result.json"):
+            return store.get_json("result.json")
+        with tracking.experiment(EXPERIMENT), tracking.stage_run("captioner-chain", {"world": job["world"]}):
+            result = captioner_chain(recipe_from_dict(job["recipe"]), plan, job["world"])
+            tracking.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, float)})
+        store.put_json("result.json", result)
+        return result
+    out = _run_dir(plan, job["arm"], job["seed"])
+    store = storage.open_store(out)
+    if store.exists("result.json"):  # a rerun after a kill keeps finished arms
+        return store.get_json("result.json")
     with tracking.experiment(EXPERIMENT):
-        result = run_arm(recipe_from_dict(recipe_dict), arm, seed, world_uri, warm_uri, out, sft_split)
-    result_store.put_json("result.json", result)
+        result = run_arm(recipe_from_dict(job["recipe"]), job["arm"], job["seed"], job["world"], out, plan,
+                         job["captions"])
+    store.put_json("result.json", result)
     return result
 
 
+# the whole ablation ------------------------------------------------------------------------------------
+
+
 def run_ablation(base: RecipeConfig, plan: AblationPlan, progress: bool = True) -> dict[str, Any]:
+    from sharegpt4v.evaluation import evaluate, flat_metrics
+    from sharegpt4v.evaluation.blind import MajorityAnswerer
+    from sharegpt4v.experiments.controls import shuffled_caption_set
+    from sharegpt4v.training.foundations import build_foundations
     from sharegpt4v.world.generate import generate_world
 
-    world_uri = f"{plan.out}/world"
     started = time.perf_counter()
-    if not storage.open_store(world_uri).is_complete():
-        generate_world(world_uri, plan.images, 0, base.world, progress=progress)
-    warm = {seed: warm_start(dataclasses.replace(base, seed=seed), world_uri, f"{plan.out}/warm-{seed}",
-                             plan.warmup_steps) for seed in plan.seeds}
+    world = f"{plan.out}/world"
+    if not storage.open_store(world).is_complete():
+        generate_world(world, plan.images, plan.world_seed, base.world, progress=progress)
     if tracking.tracking_enabled():
         tracking.ensure_experiment(EXPERIMENT)  # once, before parallel lanes would race to create it
+    with tracking.experiment(EXPERIMENT):
+        foundations = build_foundations(base, world, f"{plan.out}/foundations", seed=plan.seeds[0])
+    recipe = with_overrides(base, foundations["overrides"])
+    captions = {"shuffled": shuffled_caption_set(world, plan.corpus_split, f"{plan.out}/captions-shuffled",
+                                                 seed=plan.world_seed)} if "shuffled" in plan.arms else {}
+    with tracking.experiment(EXPERIMENT):
+        majority = MajorityAnswerer(_items(world, plan.sft_split))
+        blind = flat_metrics(evaluate(majority, recipe, dataset_uri=world, out=f"{plan.out}/blind-majority"))
+
     threads = max(1, (os.cpu_count() or 2) // plan.lanes)
-    jobs = [(base.to_dict(), arm, seed, world_uri, warm[seed], f"{plan.out}/runs/{arm}-seed-{seed}",
-             plan.sft_split, threads)
-            for seed in plan.seeds for arm in plan.arms]
-    if plan.lanes <= 1:
-        results = [_worker(job) for job in jobs]
-    else:
-        with multiprocessing.get_context("spawn").Pool(plan.lanes, maxtasksperchild=1) as pool:
-            results = pool.map(_worker, jobs, chunksize=1)
-    summary = summarize(results)
+    job = {"recipe": recipe.to_dict(), "world": world, "plan": dataclasses.asdict(plan), "threads": threads}
+    needs_captioner = "D" in plan.arms
+    first = plan.seeds[0]
+    early = [{**job, "kind": "arm", "arm": a, "seed": s, "captions": captions} for s in plan.seeds for a in plan.arms
+             if a != "D" and not (needs_captioner and a == "A" and s == first)]
+    results: list[dict[str, Any]] = []
+    chain: dict[str, Any] | None = None
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(plan.lanes, maxtasksperchild=1) as pool:
+        pending_chain = pool.apply_async(_worker, ({**job, "kind": "captioner"},)) if needs_captioner else None
+        pending = pool.map_async(_worker, early, chunksize=1)
+        if pending_chain is not None:
+            chain = pending_chain.get()
+            captions["captioner"] = chain["corpus"]
+            late = [{**job, "kind": "arm", "arm": a, "seed": s, "captions": captions} for s in plan.seeds
+                    for a in plan.arms if a == "D" or (a == "A" and s == first)]
+            results += pool.map(_worker, late, chunksize=1)
+        results += pending.get()
+    summary = summarize(results, blind, chain)
     summary["minutes"] = (time.perf_counter() - started) / 60
-    summary["plan"] = {**dataclasses.asdict(plan), "recipe": base.flat()}
+    summary["plan"] = {**dataclasses.asdict(plan), "recipe": recipe.flat(),
+                       "foundations": {k: v for k, v in foundations.items() if k != "overrides"}}
     store = storage.open_store(plan.out)
     store.put_json("results.json", summary)
     store.put_bytes("results.md", results_table(summary).encode())
     return summary
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    arms: dict[str, dict[str, Any]] = {}
-    for result in results:
-        entry = arms.setdefault(result["arm"], {"label": ARMS[result["arm"]]["label"], "seeds": [], "runs": {}})
-        entry["seeds"].append(result["seed"])
-        for key, value in result["metrics"].items():
-            entry["runs"].setdefault(key, []).append(value)
-    for entry in arms.values():
-        entry["mean"] = {k: statistics.fmean(v) for k, v in entry["runs"].items()}
-        entry["std"] = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in entry["runs"].items()}
-    return {"arms": arms}
+def _items(world: str, split: str) -> list[dict[str, Any]]:
+    from sharegpt4v.data.shards import open_dataset, sample_meta
+
+    return [item for sample in open_dataset(world).samples(split) for item in sample_meta(sample).get("vqa", [])]
 
 
-def results_table(summary: dict[str, Any]) -> str:
-    head = ["arm", "seeds", *METRICS.values()]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, entry in summary["arms"].items():
-        cells = [f"{entry['mean'][m]:.3f} ± {entry['std'][m]:.3f}" for m in METRICS]
-        lines.append(f"| {name}: {entry['label']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def log_summary(summary: dict[str, Any]) -> None:
-    """The summary as one MLflow run of the ablation experiment (mean/std per arm and metric)."""
-    if not tracking.tracking_enabled():
-        return
-    with tracking.experiment(EXPERIMENT), tracking.stage_run("ablation-summary", {"arms": ",".join(summary["arms"])}):
-        metrics = {}
-        for arm, entry in summary["arms"].items():
-            for key, value in entry["mean"].items():
-                metrics[f"{arm}.{key}.mean"] = value
-                metrics[f"{arm}.{key}.std"] = entry["std"][key]
-        tracking.log_metrics(metrics)
-        tracking.log_dict(json.loads(json.dumps(summary)), "ablation/results.json")
+def default_recipe(profile: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """The profile with the ablation's overrides (then the caller's)."""
+    return load_recipe(profile, [*ABLATION_OVERRIDES, *overrides])

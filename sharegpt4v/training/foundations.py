@@ -35,9 +35,22 @@ log = logging.getLogger("sharegpt4v.training")
 VISION_FOLDER, LANGUAGE_FOLDER = "vision", "language"
 
 
-def alt_text(scene: dict[str, Any], rng: random.Random) -> str:
-    """What web alt text would say about a world image: its objects and background, in any order."""
-    names = [f"{o['colour']} {o['shape']}" for o in scene["objects"]]
+def alt_text(scene: dict[str, Any], rng: random.Random, detail: str = "names") -> str:
+    """What web alt text would say about a world image: its objects and background, in any order.
+
+    `detail`: "names" (red circle), "names+size" (large red circle), "names+size+position" (large red
+    circle top left).
+    """
+    def name(o: dict[str, Any]) -> str:
+        words = [o["size"]] if "size" in detail else []
+        words += [o["colour"], o["shape"]]
+        if "position" in detail:
+            from sharegpt4v.world.vocab import position_name
+
+            words.append(position_name(int(o["row"]), int(o["col"])))
+        return " ".join(words)
+
+    names = [name(o) for o in scene["objects"]]
     rng.shuffle(names)
     return ", ".join([*names, f"{scene['background']} background"])
 
@@ -115,7 +128,7 @@ def train_vision_tower(recipe: Any, world: WorldImages, tokenizer: Any, seed: in
     started, loss = time.perf_counter(), torch.tensor(0.0)
     for step in range(f.vision_steps):
         rows = next(batches)
-        texts = [alt_text(world.scenes[i], rng) for i in rows]
+        texts = [alt_text(world.scenes[i], rng, f.vision_alt_text) for i in rows]
         hidden = tower(pixel_values=world.pixels[rows], output_hidden_states=True).hidden_states[v.feature_layer]
         image = F.normalize(text_tower["image"](hidden[:, 1:].mean(1)), dim=-1)  # the tokens LLaVA reads
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -1,82 +1,128 @@
-"""The ablation in miniature, at toy size: its arms, seeds, MLflow layout and results table."""
+"""The ablation in miniature, at toy size: its arms, controls, blind rows, captioner chain, MLflow layout
+and results table."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sharegpt4v import storage
 from sharegpt4v.config import load_recipe
 from sharegpt4v.experiments.ablation import (
     ABLATION_OVERRIDES,
+    ARMS,
     EXPERIMENT,
     AblationPlan,
     ablation_recipe,
-    log_summary,
-    results_table,
     run_ablation,
-    warm_start,
 )
+from sharegpt4v.experiments.controls import ShuffledCaptioner, derangement
+from sharegpt4v.experiments.summary import BLIND_IMAGE, BLIND_MAJORITY, log_summary, results_table, targets
 
-TOY = [*ABLATION_OVERRIDES, "pretrain.max_steps=3", "sft.max_steps=3", "eval.limit=20", "pretrain.max_samples=64",
-       "sft.max_samples=64"]
+TOY = [*ABLATION_OVERRIDES, "foundations.vision_steps=3", "foundations.language_steps=3", "pretrain.max_steps=2",
+       "captioner.max_steps=2", "sft.max_steps=2", "pretrain.max_samples=64", "sft.max_samples=64",
+       "captioner.max_samples=32", "captioning.max_new_tokens=8", "world.splits.train=0.6", "world.splits.val=0.2",
+       "world.splits.test=0.2"]
 
 
 def test_arms_change_only_what_they_should() -> None:
     base = load_recipe("tiny", list(ABLATION_OVERRIDES))
-    a, b, c = (ablation_recipe(base, arm, 7) for arm in "ABC")
-    assert (a.pretrain.caption_field, b.pretrain.caption_field) == ("brief_caption", "detailed_caption")
-    assert c.pretrain.train_llm is False and c.pretrain.vit_unfreeze_from is None and c.pretrain.train_projector
-    assert b.pretrain.train_llm and b.pretrain.vit_unfreeze_from == 0
-    assert a.seed == b.seed == c.seed == 7
-    assert a.sft == b.sft == c.sft  # every arm gets the same SFT and evaluation
-    assert a.eval == c.eval
+    recipes = {arm: ablation_recipe(base, arm, 7) for arm in ARMS}
+    assert recipes["A"].pretrain.caption_field == "brief_caption"
+    assert recipes["B"].pretrain.caption_field == recipes["C"].pretrain.caption_field == "detailed_caption"
+    c = recipes["C"].pretrain
+    assert c.train_llm is False and c.vit_unfreeze_from is None and c.train_projector
+    assert recipes["B"].pretrain == recipes["D"].pretrain == recipes["shuffled"].pretrain  # only their captions differ
+    assert ARMS["D"]["captions"] == "captioner" and ARMS["shuffled"]["captions"] == "shuffled"
+    assert {r.seed for r in recipes.values()} == {7}
+    assert len({json.dumps(r.sft.__dict__, default=str, sort_keys=True) for r in recipes.values()}) == 1
+    assert len({json.dumps(r.eval.__dict__, default=str, sort_keys=True) for r in recipes.values()}) == 1
 
 
-def test_warm_start_teaches_the_language_model_text(tmp_path: Path) -> None:
-    from sharegpt4v.config import WorldConfig
+def test_plan_refuses_unknown_arms_and_empty_seeds(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        AblationPlan(out=str(tmp_path), arms=("A", "Z"))
+    with pytest.raises(ValueError, match="at least one"):
+        AblationPlan(out=str(tmp_path), seeds=())
+
+
+def test_shuffled_captions_describe_another_image(tmp_path: Path) -> None:
+    from sharegpt4v.captioning.records import CaptionRequest
+    from sharegpt4v.data.shards import open_dataset, sample_meta
+    from sharegpt4v.world import Scene, score_caption
     from sharegpt4v.world.generate import generate_world
 
     world = str(tmp_path / "world")
-    generate_world(world, 60, 0, WorldConfig(image_size=32, max_objects=3), progress=False)
-    recipe = load_recipe("tiny", list(ABLATION_OVERRIDES))
-    short = storage.open_store(warm_start(recipe, world, str(tmp_path / "w1"), steps=2)).read_manifest()
-    longer = storage.open_store(warm_start(recipe, world, str(tmp_path / "w2"), steps=60)).read_manifest()
-    assert longer["final_text_loss"] < short["final_text_loss"] - 1.0
+    generate_world(world, 40, 3, load_recipe("tiny", list(ABLATION_OVERRIDES)).world, progress=False)
+    samples = [sample_meta(s) for s in open_dataset(world).samples("train")]
+    mapping = derangement([s["id"] for s in samples], 0)
+    assert sorted(mapping.values()) == sorted(mapping) and all(k != v for k, v in mapping.items())
+    captioner = ShuffledCaptioner(world, "train", seed=0)
+    results = captioner.caption_batch([CaptionRequest(s["id"], b"", "photo", "") for s in samples])
+    by_id = {s["id"]: s for s in samples}
+    own = [score_caption(s["detailed_caption"], Scene.from_dict(s["scene"])).recall for s in samples]
+    shuffled = [score_caption(r.caption, Scene.from_dict(by_id[r.id]["scene"])).recall for r in results]
+    assert min(own) == 1.0 and sum(shuffled) / len(shuffled) < 0.6  # words of a caption, not of this image
+    assert {r.caption for r in results} == {s["detailed_caption"] for s in samples}  # the same captions, moved
+
+
+def test_targets_read_the_paper_s_claims_off_the_rows() -> None:
+    def row(p: float, **cats: float) -> dict:
+        values = {"world-vqa.perception": {"mean": p, "std": 0.0}}
+        values.update({f"world-vqa.yesno.categories.{c}.score": {"mean": v, "std": 0.0} for c, v in cats.items()})
+        return {"values": values}
+
+    cats = dict(existence=60.0, count=85.0, position=70.0, colour=75.0)
+    summary = {"rows": {"A": row(40.0), "B": row(70.0, **cats), "D": row(64.0), "shuffled": row(38.0),
+                        BLIND_MAJORITY: row(30.0, existence=27.0, count=80.0, position=30.0, colour=25.0),
+                        BLIND_IMAGE: row(28.0, existence=30.0, count=86.0, position=35.0, colour=25.0)}}
+    t = targets(summary)
+    assert t["B - A perception"] == {"value": 30.0, "met": True}
+    assert t["D share of B's gain"]["value"] == pytest.approx(0.8) and t["D share of B's gain"]["met"]
+    assert t["shuffled <= A"]["met"]
+    # B must beat the stronger blind row in every category: count (86 blank-image) is not beaten.
+    assert t["B above blind"]["value"]["count"] == pytest.approx(-1.0) and not t["B above blind"]["met"]
 
 
 @pytest.mark.slow
 def test_toy_ablation_end_to_end(tmp_path: Path, mlflow_sqlite: str) -> None:
     recipe = load_recipe("tiny", TOY)
-    plan = AblationPlan(out=str(tmp_path / "ablation"), images=160, arms=("A", "B"), seeds=(0, 1), warmup_steps=5,
-                        lanes=2)
-    import os
-
+    plan = AblationPlan(out=str(tmp_path / "ablation"), images=120, arms=("A", "B", "D", "shuffled", "none"),
+                        seeds=(0, 1), lanes=2)
     before = os.environ.get("MLFLOW_EXPERIMENT_NAME")
     summary = run_ablation(recipe, plan, progress=False)
     log_summary(summary)
     assert os.environ.get("MLFLOW_EXPERIMENT_NAME") == before  # nothing leaks into later runs of this process
-    assert set(summary["arms"]) == {"A", "B"}
-    for entry in summary["arms"].values():
-        assert sorted(entry["seeds"]) == [0, 1]
-        assert 0.0 <= entry["mean"]["world-vqa.overall"] <= 1.0 and entry["std"]["world-vqa.overall"] >= 0.0
+    rows = summary["rows"]
+    assert set(rows) == {"A", "B", "D", "shuffled", "none", BLIND_MAJORITY, BLIND_IMAGE}
+    for name in ("A", "B", "D", "shuffled", "none"):
+        assert sorted(rows[name]["seeds"]) == [0, 1]
+        assert 0.0 <= rows[name]["values"]["world-vqa.perception"]["mean"] <= 100.0
+    # The captioner chain: trained from A's pretraining (first seed), scored beside the teacher.
+    captioner = summary["captioner"]
+    assert captioner["base"].endswith("runs/A-seed-0/pretrain/final")
+    assert captioner["sets"]["teacher"]["recall"] == 1.0 and captioner["sets"]["teacher"]["false_per_caption"] == 0.0
+    assert {"captioner", "brief", "captioner (blank image)"} <= set(captioner["sets"])
+    assert set(summary["targets"]) >= {"B - A perception", "B above blind", "D share of B's gain", "shuffled <= A",
+                                       "captioner recall / teacher's"}
     table = (tmp_path / "ablation" / "results.md").read_text()
-    assert table == results_table(summary) and "B: detailed captions, full pretraining | 2 |" in table
-    assert json.loads((tmp_path / "ablation" / "results.json").read_text())["arms"]["A"]["seeds"]
+    assert table == results_table(summary) and "| B: teacher-detailed captions | 2 |" in table
 
     client = MlflowClient(mlflow_sqlite)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     names = {r.info.run_name for r in runs}
-    assert {"arm-A-seed-0", "arm-A-seed-1", "arm-B-seed-0", "arm-B-seed-1", "ablation-summary"} <= names
-    arm_b = next(r for r in runs if r.info.run_name == "arm-B-seed-1")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == arm_b.info.run_id]
+    assert {"arm-A-seed-0", "arm-B-seed-1", "arm-D-seed-1", "captioner-chain", "ablation-summary"} <= names
+    arm_d = next(r for r in runs if r.info.run_name == "arm-D-seed-1")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == arm_d.info.run_id]
     assert {r.info.run_name for r in children} >= {"pretrain", "sft"}
-    assert arm_b.data.params["pretrain.caption_field"] == "detailed_caption"
+    summary_run = next(r for r in runs if r.info.run_name == "ablation-summary")
+    artifacts = {a.path for a in client.list_artifacts(summary_run.info.run_id, "ablation")}
+    assert {"ablation/results.md", "ablation/perception.png", "ablation/results.json"} <= artifacts
 
-    # a rerun keeps finished arms instead of training them again
+    # a rerun keeps finished arms and the captioner instead of training them again
     again = run_ablation(recipe, plan, progress=False)
-    assert again["arms"]["B"]["runs"] == summary["arms"]["B"]["runs"]
+    assert again["rows"]["D"]["perception_by_seed"] == rows["D"]["perception_by_seed"]
