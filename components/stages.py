@@ -103,25 +103,25 @@ def seed_captions(dataset_uri: str, out_root: str, split: str, teacher_endpoint:
 
 
 @component
-def shard_groups(dataset_uri: str, dataset_digest: str, model: str, groups: int) -> list:
-    """The fan-out of corpus captioning: one job per shard group, [{group, groups, dataset, model}].
+def shard_groups(dataset_uri: str, dataset_digest: str, model: str, groups: int, overrides: list) -> list:
+    """The fan-out of corpus captioning: one job per shard group, [{group, groups, dataset, model, overrides}].
 
     The jobs carry the upstream values the loop body needs (kfp.local resolves an upstream task's
     output inside a ParallelFor body to the loop item; the loop item itself is resolved right).
     """
     if groups < 1:
         raise ValueError(f"shard_groups: need at least 1 group, got {groups}")
-    return [{"group": i, "groups": groups, "dataset_uri": dataset_uri, "dataset_digest": dataset_digest, "model": model}
-            for i in range(groups)]
+    return [{"group": i, "groups": groups, "dataset_uri": dataset_uri, "dataset_digest": dataset_digest, "model": model,
+             "overrides": list(overrides)} for i in range(groups)]
 
 
 @component
-def caption_shard_group(job: dict, out_root: str, split: str, gpus: int, profile: str, overrides: list) -> dict:
+def caption_shard_group(job: dict, out_root: str, split: str, gpus: int, profile: str) -> dict:
     """Caption shard group `job["group"]` of `job["groups"]` of the corpus with the trained captioner."""
     from sharegpt4v import stages as steps
 
     return steps.caption_shard_group(job["dataset_uri"], job["dataset_digest"], job["model"], out_root, job["group"],
-                                     job["groups"], split, gpus, profile, overrides)
+                                     job["groups"], split, gpus, profile, job["overrides"])
 
 
 @component
@@ -146,15 +146,53 @@ def merge_captions(dataset_uri: str, split: str, groups: list, reference: str, r
 
 
 @component
+def foundations(dataset_uri: str, dataset_digest: str, out_root: str, profile: str, overrides: list,
+                metrics: Output[Metrics]) -> list:
+    """The recipe overrides of every later task: `overrides`, plus the CLIP and Vicuna stand-ins trained on
+    the data when the model is built from config (tiny profile); unchanged for checkpoint-based recipes."""
+    from sharegpt4v import stages as steps
+
+    result = steps.foundations(dataset_uri, dataset_digest, out_root, profile, overrides)
+    for key, value in sorted(result.get("metrics", {}).items()):
+        metrics.log_metric(key, value)
+    return result["overrides"]
+
+
+@component
+def train_base(dataset_uri: str, dataset_digest: str, split: str, out_root: str, gpus: int, profile: str,
+               overrides: list, metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str),
+                                                                                   ("model_uri", str),
+                                                                                   ("digest", str), ("version", str)]):
+    """Pretrain on brief captions (LLaVA-1.5's stage): the LMM the captioner is fine-tuned from; register it
+    (sharegpt4v-base)."""
+    from sharegpt4v import stages as steps
+
+    result = steps.train("pretrain", dataset_uri, dataset_digest, "", "", "", out_root, gpus, profile,
+                         [*overrides, "pretrain.caption_field=brief_caption"], split=split, register_as="base")
+    for key in ("steps", "final_loss", "samples_seen", "flagged_samples"):
+        metrics.log_metric(key, result[key])
+    outputs = NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str), ("digest", str), ("version", str)])
+    return outputs(result["checkpoint_uri"], result["model_uri"], result["digest"], result["version"])
+
+
+@component
+def given_model(model: str) -> NamedTuple("Outputs", [("model_uri", str)]):
+    """A model given as a pipeline parameter, as a task output (the other branch of `train_base`)."""
+    outputs = NamedTuple("Outputs", [("model_uri", str)])
+    return outputs(model)
+
+
+@component
 def train_captioner(dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str,
-                    out_root: str, gpus: int, profile: str, overrides: list,
+                    split: str, out_root: str, gpus: int, profile: str, overrides: list,
                     metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str),
                                                                         ("digest", str), ("version", str)]):
-    """Train the captioner on the seed captions; register it (sharegpt4v-captioner, alias candidate)."""
+    """Fine-tune the captioner from a pretrained LMM on the teacher's seed captions of `split`; register it
+    (sharegpt4v-captioner, alias candidate)."""
     from sharegpt4v import stages as steps
 
     result = steps.train("captioner", dataset_uri, dataset_digest, captions, captions_digest, init, out_root, gpus,
-                         profile, overrides)
+                         profile, overrides, split=split)
     for key in ("steps", "final_loss", "samples_seen", "flagged_samples"):
         metrics.log_metric(key, result[key])
     outputs = NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str), ("digest", str), ("version", str)])
@@ -162,15 +200,15 @@ def train_captioner(dataset_uri: str, dataset_digest: str, captions: str, captio
 
 
 @component
-def pretrain(dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str, out_root: str,
-             gpus: int, profile: str, overrides: list,
+def pretrain(dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str, split: str,
+             out_root: str, gpus: int, profile: str, overrides: list,
              metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str),
                                                                  ("digest", str), ("version", str)]):
-    """Pretrain the LMM on the corpus with its detailed captions; register it (sharegpt4v-pretrained)."""
+    """Pretrain the LMM on the corpus split with its detailed captions; register it (sharegpt4v-pretrained)."""
     from sharegpt4v import stages as steps
 
     result = steps.train("pretrain", dataset_uri, dataset_digest, captions, captions_digest, init, out_root, gpus,
-                         profile, overrides)
+                         profile, overrides, split=split)
     for key in ("steps", "final_loss", "samples_seen", "flagged_samples"):
         metrics.log_metric(key, result[key])
     outputs = NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str), ("digest", str), ("version", str)])
@@ -178,13 +216,15 @@ def pretrain(dataset_uri: str, dataset_digest: str, captions: str, captions_dige
 
 
 @component
-def sft(dataset_uri: str, dataset_digest: str, init: str, out_root: str, gpus: int, profile: str, overrides: list,
-        metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str),
-                                                            ("digest", str), ("version", str)]):
-    """Instruction-tune the pretrained LMM (SFT mix); register it (sharegpt4v-chat, alias candidate)."""
+def sft(dataset_uri: str, dataset_digest: str, init: str, split: str, out_root: str, gpus: int, profile: str,
+        overrides: list, metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str),
+                                                                            ("model_uri", str), ("digest", str),
+                                                                            ("version", str)]):
+    """Instruction-tune the pretrained LMM on the SFT mix of `split`; register it (sharegpt4v-chat, alias candidate)."""
     from sharegpt4v import stages as steps
 
-    result = steps.train("sft", dataset_uri, dataset_digest, "", "", init, out_root, gpus, profile, overrides)
+    result = steps.train("sft", dataset_uri, dataset_digest, "", "", init, out_root, gpus, profile, overrides,
+                         split=split)
     for key in ("steps", "final_loss", "samples_seen", "flagged_samples"):
         metrics.log_metric(key, result[key])
     outputs = NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str), ("digest", str), ("version", str)])

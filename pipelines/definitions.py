@@ -58,18 +58,34 @@ def data_part(source_uri: Any, source_kind: Any, out_root: str, world_images: An
             dsl.OneOf(world.outputs["digest"], ingested.outputs["digest"]))
 
 
-def captioner_part(dataset_uri: Any, dataset_digest: Any, out_root: str, seed_split: Any, teacher_endpoint: Any,
-                   teacher_model: Any, teacher_budget_usd: Any, gpus: Any, selector: Any, profile: Any,
-                   overrides: Any) -> tuple[Any, Any]:
-    """(seed captions task, captioner task): the teacher's seed captions, the captioner trained on them."""
+def foundations_part(dataset_uri: Any, dataset_digest: Any, out_root: str, profile: Any, overrides: Any) -> Any:
+    """The overrides every later task uses (`c.foundations`): the CLIP and Vicuna stand-ins of a model built
+    from config are trained here once; a checkpoint-based recipe passes through unchanged."""
+    return cpu_task(c.foundations(dataset_uri=dataset_uri, dataset_digest=dataset_digest, out_root=f"{out_root}/models",
+                                  profile=profile, overrides=overrides), cache=True, display_name="foundations")
+
+
+def captioner_part(dataset_uri: Any, dataset_digest: Any, out_root: str, seed_split: Any, base_split: Any,
+                   captioner_base: Any, teacher_endpoint: Any, teacher_model: Any, teacher_budget_usd: Any, gpus: Any,
+                   selector: Any, profile: Any, overrides: Any) -> tuple[Any, Any]:
+    """(seed captions task, captioner task): the teacher's seed captions of `seed_split`, and the captioner
+    fine-tuned on them from a pretrained LMM: `captioner_base`, or when it is empty an LMM pretrained here
+    on the brief captions of `base_split` (LLaVA-1.5's stage; Share-Captioner starts from a pretrained LMM)."""
     seed = cpu_task(c.seed_captions(dataset_uri=dataset_uri, out_root=f"{out_root}/captions", split=seed_split,
                                     teacher_endpoint=teacher_endpoint, teacher_model=teacher_model,
                                     budget_usd=teacher_budget_usd, profile=profile, overrides=overrides),
                     cache=False, teacher=True, display_name="seed captions (teacher)")
+    with dsl.If(captioner_base == "", name="pretrain-base"):
+        base = gpu_task(c.train_base(dataset_uri=dataset_uri, dataset_digest=dataset_digest, split=base_split,
+                                     out_root=f"{out_root}/models", gpus=gpus, profile=profile, overrides=overrides),
+                        gpus, selector, size="train", cache=True, display_name="pretrain base (brief captions)")
+    with dsl.Else(name="given-base"):
+        given = light_task(c.given_model(model=captioner_base), display_name="captioner base")
+    init = dsl.OneOf(base.outputs["model_uri"], given.outputs["model_uri"])
     captioner = gpu_task(c.train_captioner(dataset_uri=dataset_uri, dataset_digest=dataset_digest,
                                            captions=seed.outputs["uri"], captions_digest=seed.outputs["digest"],
-                                           init="", out_root=f"{out_root}/models", gpus=gpus, profile=profile,
-                                           overrides=overrides),
+                                           init=init, split=seed_split, out_root=f"{out_root}/models", gpus=gpus,
+                                           profile=profile, overrides=overrides),
                          gpus, selector, size="train", cache=True, display_name="train captioner")
     return seed, captioner
 
@@ -78,10 +94,10 @@ def caption_corpus_part(dataset_uri: Any, dataset_digest: Any, model: Any, refer
                         groups: Any, gpus: Any, selector: Any, profile: Any, overrides: Any) -> Any:
     """The merge task: corpus captioning fanned out over shard groups, fanned in with Collected."""
     plan = light_task(c.shard_groups(dataset_uri=dataset_uri, dataset_digest=dataset_digest, model=model,
-                                     groups=groups), display_name="shard groups")
+                                     groups=groups, overrides=overrides), display_name="shard groups")
     with dsl.ParallelFor(plan.output, name="caption-shard-groups") as job:
         part = gpu_task(c.caption_shard_group(job=job, out_root=f"{out_root}/captions", split=split, gpus=gpus,
-                                              profile=profile, overrides=overrides),
+                                              profile=profile),
                         gpus, selector, size="caption", cache=True, display_name="caption shard group")
     return cpu_task(c.merge_captions(dataset_uri=dataset_uri, split=split, groups=dsl.Collected(part.output),
                                      reference=reference, report_root=f"{out_root}/reports"),
@@ -89,16 +105,17 @@ def caption_corpus_part(dataset_uri: Any, dataset_digest: Any, model: Any, refer
 
 
 def lmm_part(dataset_uri: Any, dataset_digest: Any, captions: Any, captions_digest: Any, base_model: Any,
-             out_root: str, train_gpus: Any, eval_gpus: Any, selector: Any, metric: Any, threshold: Any,
-             profile: Any, overrides: Any) -> tuple[Any, Any]:
+             corpus_split: Any, sft_split: Any, out_root: str, train_gpus: Any, eval_gpus: Any, selector: Any,
+             metric: Any, threshold: Any, profile: Any, overrides: Any) -> tuple[Any, Any]:
     """(SFT task, evaluation task): pretraining on the captioned corpus, SFT, evaluation, and the
     champion alias when the score clears the threshold."""
     pt = gpu_task(c.pretrain(dataset_uri=dataset_uri, dataset_digest=dataset_digest, captions=captions,
-                             captions_digest=captions_digest, init=base_model, out_root=f"{out_root}/models",
-                             gpus=train_gpus, profile=profile, overrides=overrides),
+                             captions_digest=captions_digest, init=base_model, split=corpus_split,
+                             out_root=f"{out_root}/models", gpus=train_gpus, profile=profile, overrides=overrides),
                   train_gpus, selector, size="train", cache=True, display_name="pretrain")
     tuned = gpu_task(c.sft(dataset_uri=dataset_uri, dataset_digest=dataset_digest, init=pt.outputs["model_uri"],
-                           out_root=f"{out_root}/models", gpus=train_gpus, profile=profile, overrides=overrides),
+                           split=sft_split, out_root=f"{out_root}/models", gpus=train_gpus, profile=profile,
+                           overrides=overrides),
                      train_gpus, selector, size="train", cache=True, display_name="sft")
     ev = gpu_task(c.evaluate(model=tuned.outputs["model_uri"], model_digest=tuned.outputs["digest"],
                              dataset_uri=dataset_uri, out_root=f"{out_root}/eval", metric=metric, gpus=eval_gpus,
@@ -139,8 +156,10 @@ def sharegpt4v(
     teacher_endpoint: str = "",
     teacher_model: str = "",
     teacher_budget_usd: float = 0.0,
-    seed_split: str = "train",
+    seed_split: str = "val",
     corpus_split: str = "train",
+    sft_split: str = "val",
+    captioner_base: str = "",
     shard_groups: int = 4,
     base_model: str = "",
     train_gpus: int = 8,
@@ -157,10 +176,16 @@ def sharegpt4v(
 ):
     """source_uri: images to ingest (folder, img2dataset shards, LLaVA JSON); empty: a synthetic world of
     world_images. teacher_endpoint: OpenAI-compatible /v1 URL; empty: the teacher Secret; "synthetic": the
-    synthetic world's stand-in teacher. overrides: recipe overrides ["key.sub=value", ...]."""
+    synthetic world's stand-in teacher. overrides: recipe overrides ["key.sub=value", ...]. seed_split: the
+    images the teacher captions and the captioner learns from; corpus_split: the images the captioner
+    captions for pretraining (disjoint from seed_split); sft_split: SFT questions. captioner_base: the
+    pretrained LMM the captioner is fine-tuned from (e.g. a mirrored llava-1.5-7b-hf); empty: pretrain one
+    here on brief captions of corpus_split. base_model: where pretraining starts; empty: the recipe's parts."""
     params = {"output_root": output_root, "source_uri": source_uri, "world_images": world_images,
               "world_seed": world_seed, "profile": profile, "teacher_endpoint": teacher_endpoint,
-              "teacher_model": teacher_model, "shard_groups": shard_groups, "base_model": base_model,
+              "teacher_model": teacher_model, "seed_split": seed_split, "corpus_split": corpus_split,
+              "sft_split": sft_split, "captioner_base": captioner_base, "shard_groups": shard_groups,
+              "base_model": base_model,
               "train_gpus": train_gpus, "caption_gpus": caption_gpus, "gpu_product": gpu_product,
               "champion_metric": champion_metric, "champion_threshold": champion_threshold,
               "serving_profile": serving_profile, "deploy_dry_run": deploy_dry_run}
@@ -168,14 +193,16 @@ def sharegpt4v(
         selector = start.outputs["gpu_node_selector"]
         dataset_uri, dataset_digest = data_part(source_uri, source_kind, f"{output_root}/data", world_images, world_seed,
                                                 profile, overrides)
-        seed, captioner = captioner_part(dataset_uri, dataset_digest, output_root, seed_split, teacher_endpoint,
-                                         teacher_model, teacher_budget_usd, train_gpus, selector, profile, overrides)
+        recipe = foundations_part(dataset_uri, dataset_digest, output_root, profile, overrides).outputs["Output"]
+        seed, captioner = captioner_part(dataset_uri, dataset_digest, output_root, seed_split, corpus_split,
+                                         captioner_base, teacher_endpoint, teacher_model, teacher_budget_usd,
+                                         train_gpus, selector, profile, recipe)
         merged = caption_corpus_part(dataset_uri, dataset_digest, captioner.outputs["model_uri"], seed.outputs["uri"],
                                      output_root, corpus_split, shard_groups, caption_gpus, selector, profile,
-                                     overrides)
+                                     recipe)
         tuned, ev = lmm_part(dataset_uri, dataset_digest, merged.outputs["uri"], merged.outputs["digest"], base_model,
-                             output_root, train_gpus, eval_gpus, selector, champion_metric, champion_threshold,
-                             profile, overrides)
+                             corpus_split, sft_split, output_root, train_gpus, eval_gpus, selector, champion_metric,
+                             champion_threshold, profile, recipe)
         score = light_task(c.champion_score(results=ev.outputs["results"], metric=champion_metric),
                            display_name="champion metric")
         with dsl.If(score.output >= champion_threshold, name="score-clears-threshold"):
@@ -213,7 +240,9 @@ def caption_corpus(
 def train_captioner(
     dataset_uri: str,
     output_root: str = DEFAULT_ROOT,
-    seed_split: str = "train",
+    seed_split: str = "val",
+    base_split: str = "train",
+    captioner_base: str = "",
     teacher_endpoint: str = "",
     teacher_model: str = "",
     teacher_budget_usd: float = 0.0,
@@ -223,13 +252,17 @@ def train_captioner(
     overrides: list = [],  # noqa: B006
     mlflow_experiment: str = "sharegpt4v",
 ):
+    """captioner_base: the pretrained LMM the captioner is fine-tuned from; empty: pretrain one on the brief
+    captions of base_split."""
     params = {"dataset_uri": dataset_uri, "output_root": output_root, "seed_split": seed_split,
-              "teacher_endpoint": teacher_endpoint, "teacher_model": teacher_model, "train_gpus": train_gpus,
-              "gpu_product": gpu_product, "profile": profile}
+              "base_split": base_split, "captioner_base": captioner_base, "teacher_endpoint": teacher_endpoint,
+              "teacher_model": teacher_model, "train_gpus": train_gpus, "gpu_product": gpu_product, "profile": profile}
     with tracked("train-captioner", params, overrides, mlflow_experiment, gpu_product) as start:
         info = light_task(c.dataset_digest(uri=dataset_uri), display_name="dataset digest")
-        captioner_part(dataset_uri, info.output, output_root, seed_split, teacher_endpoint, teacher_model,
-                       teacher_budget_usd, train_gpus, start.outputs["gpu_node_selector"], profile, overrides)
+        recipe = foundations_part(dataset_uri, info.output, output_root, profile, overrides).outputs["Output"]
+        captioner_part(dataset_uri, info.output, output_root, seed_split, base_split, captioner_base,
+                       teacher_endpoint, teacher_model, teacher_budget_usd, train_gpus,
+                       start.outputs["gpu_node_selector"], profile, recipe)
 
 
 @dsl.pipeline(name="train-lmm", description="Pretraining on a captioned corpus, SFT, evaluation; champion over "
@@ -239,6 +272,8 @@ def train_lmm(
     captions: str,
     output_root: str = DEFAULT_ROOT,
     base_model: str = "",
+    corpus_split: str = "train",
+    sft_split: str = "val",
     train_gpus: int = 8,
     eval_gpus: int = 1,
     gpu_product: str = A100_PRODUCT,
@@ -249,14 +284,16 @@ def train_lmm(
     mlflow_experiment: str = "sharegpt4v",
 ):
     params = {"dataset_uri": dataset_uri, "captions": captions, "output_root": output_root, "base_model": base_model,
-              "train_gpus": train_gpus, "eval_gpus": eval_gpus, "gpu_product": gpu_product,
-              "champion_metric": champion_metric, "champion_threshold": champion_threshold, "profile": profile}
+              "corpus_split": corpus_split, "sft_split": sft_split, "train_gpus": train_gpus, "eval_gpus": eval_gpus,
+              "gpu_product": gpu_product, "champion_metric": champion_metric,
+              "champion_threshold": champion_threshold, "profile": profile}
     with tracked("train-lmm", params, overrides, mlflow_experiment, gpu_product) as start:
         data = light_task(c.dataset_digest(uri=dataset_uri), display_name="dataset digest")
         caps = light_task(c.dataset_digest(uri=captions), display_name="captions digest")
-        tuned, ev = lmm_part(dataset_uri, data.output, captions, caps.output, base_model, output_root, train_gpus,
-                             eval_gpus, start.outputs["gpu_node_selector"], champion_metric, champion_threshold,
-                             profile, overrides)
+        recipe = foundations_part(dataset_uri, data.output, output_root, profile, overrides).outputs["Output"]
+        tuned, ev = lmm_part(dataset_uri, data.output, captions, caps.output, base_model, corpus_split, sft_split,
+                             output_root, train_gpus, eval_gpus, start.outputs["gpu_node_selector"], champion_metric,
+                             champion_threshold, profile, recipe)
         score = light_task(c.champion_score(results=ev.outputs["results"], metric=champion_metric),
                            display_name="champion metric")
         with dsl.If(score.output >= champion_threshold, name="score-clears-threshold"):

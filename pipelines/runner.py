@@ -214,10 +214,11 @@ def summarize(outputs: dict[str, Any]) -> dict[str, Any]:
     """What a user asks of an end-to-end run: data, caption sets, model versions, evaluation, serving."""
     world = outputs.get("synthetic-world") or outputs.get("ingest") or {}
     models = {}
-    for task, stage in (("train-captioner", "captioner"), ("pretrain", "pretrain"), ("sft", "sft")):
+    for task, stage in (("train-base", "base"), ("train-captioner", "captioner"), ("pretrain", "pretrain"),
+                        ("sft", "sft")):
         if task in outputs:
             out = outputs[task]
-            models[stage] = {k: out[k] for k in ("model_uri", "checkpoint_uri", "version", "digest")}
+            models[stage] = {k: out.get(k, "") for k in ("model_uri", "checkpoint_uri", "version", "digest")}
     ev = outputs.get("evaluate", {})
     table = None
     if ev.get("out"):
@@ -226,6 +227,7 @@ def summarize(outputs: dict[str, Any]) -> dict[str, Any]:
         table = storage.open_store(ev["out"]).get_bytes("results.md").decode()
     return {
         "world": world.get("uri"),
+        "overrides": outputs.get("foundations", {}).get("Output"),
         "caption_sets": {"seed": outputs.get("seed-captions", {}).get("uri"),
                          "corpus": outputs.get("merge-captions", {}).get("uri")},
         "caption_groups": [g.get("Output", g) for g in outputs.get("caption-shard-group", [])],

@@ -157,6 +157,9 @@ class FoundationsConfig:
     # (HF's 0.02 leaves them at ~4% of a token's norm and the contrastive loss has no reason to keep them).
     vision_position_init_std: float = 0.5
     vision_alt_text: Literal["names", "names+size", "names+size+position"] = "names"  # what the alt text says
+    # How the image tokens become one embedding for the contrastive loss: their mean, or all of them
+    # flattened into one linear map (each token's content then has to stay in its own token).
+    vision_pooling: Literal["mean", "flatten"] = "mean"
     language_steps: int = 600
     language_batch_size: int = 32
     language_learning_rate: float = 1e-3

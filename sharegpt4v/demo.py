@@ -88,35 +88,88 @@ def _held_out_sample(world_uri: str) -> dict[str, Any]:
 
     sample = next(open_dataset(world_uri).samples("test"))
     meta = sample_meta(sample)
-    question = next((q for q in meta["vqa"] if q["kind"] == "short" and q["category"] == "colour"),
-                    next(q for q in meta["vqa"] if q["kind"] == "short"))
-    return {"id": meta["id"], "image": sample_image(sample)[1], "question": question,
+    # One short question per category, plus the first yes/no pair: what a person would ask about it.
+    questions, seen = [], set()
+    for item in meta["vqa"]:
+        key = (item["kind"], item["category"])
+        if item["kind"] == "short" and key not in seen:
+            seen.add(key)
+            questions.append(item)
+    questions += [q for q in meta["vqa"] if q["kind"] == "yesno"][:2]
+    return {"id": meta["id"], "image": sample_image(sample)[1], "questions": questions, "scene": meta["scene"],
             "detailed_caption": meta["detailed_caption"]}
 
 
 def _ask_served_models(result: dict[str, Any], workdir: Path, console: Console) -> dict[str, Any]:
+    from sharegpt4v.evaluation.blind import blank_image
+    from sharegpt4v.evaluation.common import normalize_short, parse_yes_no
     from sharegpt4v.serving import client
     from sharegpt4v.serving.triton import start_triton
+    from sharegpt4v.world import Scene, score_caption
 
     sample = _held_out_sample(result["world"])
-    question = sample["question"]
+    scene = Scene.from_dict(sample["scene"])
     console.print(f"\nServing {result['model_repository']} on the local Triton server ...")
     with start_triton(result["model_repository"], workdir / "triton") as server:
         caption = client.caption(server.http_url, sample["image"])
-        answer = client.chat(server.http_url, sample["image"], question["question"])
-    console.print(f"[bold]A held-out image[/bold] ({sample['id']}, test split):")
+        blind_caption = client.caption(server.http_url, blank_image())
+        answers = [client.chat(server.http_url, sample["image"], q["question"])["text"] for q in sample["questions"]]
+    own, blind = score_caption(caption["text"], scene), score_caption(blind_caption["text"], scene)
+    console.print(f"[bold]A held-out image[/bold] ({sample['id']}, test split: no model trained on it):")
     console.print(f"  captioner (Triton, model `captioner`): {caption['text']}")
-    console.print(f"  ground truth:                          {sample['detailed_caption']}")
-    console.print(f"  Q: {question['question']}  A (Triton, model `chat`): {answer['text']!r}  "
-                  f"(truth: {question['answer']!r})")
-    return {"image_id": sample["id"], "caption": caption, "question": question, "answer": answer,
-            "http_url": server.http_url}
+    console.print(f"    facts right {own.recall:.0%}, false statements {own.hallucinated}"
+                  + (f" ({', '.join(own.false[:4])})" if own.false else ""))
+    console.print(f"  teacher (ground truth):                {sample['detailed_caption']}")
+    console.print(f"  captioner shown a blank image:         {blind_caption['text']}")
+    console.print(f"    facts right {blind.recall:.0%}, false statements {blind.hallucinated} (what it says without looking)")
+    right = 0
+    table = Table(title="The chat model (Triton, model `chat`) on the same image")
+    for column in ("question", "answer", "truth", ""):
+        table.add_column(column)
+    for q, text in zip(sample["questions"], answers):
+        ok = (parse_yes_no(text) == q["answer"]) if q["kind"] == "yesno" else normalize_short(text) == normalize_short(q["answer"])
+        right += ok
+        table.add_row(q["question"], repr(text), repr(q["answer"]), "right" if ok else "wrong")
+    console.print(table)
+    console.print(f"  {right} of {len(answers)} answers right")
+    return {"image_id": sample["id"], "caption": caption, "blind_caption": blind_caption,
+            "caption_recall": own.recall, "caption_false": own.hallucinated, "answers": answers,
+            "questions": sample["questions"], "right": right, "http_url": server.http_url}
+
+
+def _blind_baseline(result: dict[str, Any], split: str) -> dict[str, float]:
+    """The evaluation of a model that never sees the image (majority answer per question template, fitted
+    on the SFT split's questions), on the same test split as the chat model."""
+    from sharegpt4v.data.shards import open_dataset, sample_meta
+    from sharegpt4v.evaluation import flat_metrics
+    from sharegpt4v.evaluation.blind import MajorityAnswerer
+    from sharegpt4v.evaluation.world_vqa import WorldVQA, score_world
+
+    items = [i for s in open_dataset(result["world"]).samples(split) for i in sample_meta(s).get("vqa", [])]
+    questions = WorldVQA(result["world"], None, "test").questions(images=False)
+    return flat_metrics({"world-vqa": score_world(questions, MajorityAnswerer(items).answer(questions))})
+
+
+HEADLINES = (("world-vqa.perception", "perception (MME-style, 0-100)", "{:.1f}"),
+             ("world-vqa.mc.circular_headline", "multiple choice, circular (MMBench-style)", "{:.3f}"),
+             ("world-vqa.short.acc", "short answers", "{:.3f}"))
 
 
 def _print_summary(result: dict[str, Any], console: Console) -> None:
-    if result["eval"]["table"]:
-        console.print("\n[bold]Evaluation of the SFT model[/bold] (held-out test split)")
-        console.print(result["eval"]["table"])
+    metrics = result["eval"]["metrics"] or {}
+    if metrics:
+        blind = _blind_baseline(result, "val")
+        table = Table(title="The chat model on the whole test split, beside a model that never sees the image")
+        for column in ("metric", "chat model", "blind (majority answer per question)"):
+            table.add_column(column)
+        categories = sorted(k.split(".")[3] for k in metrics if k.startswith("world-vqa.yesno.categories.")
+                            and k.endswith(".score"))
+        rows = [*HEADLINES, *((f"world-vqa.yesno.categories.{c}.score", f"  perception: {c}", "{:.1f}")
+                              for c in categories)]
+        for key, label, fmt in rows:
+            if key in metrics:
+                table.add_row(label, fmt.format(metrics[key]), fmt.format(blind.get(key, float("nan"))))
+        console.print(table)
     models = Table(title="Registered models (MLflow)")
     for column in ("stage", "model version", "checkpoint"):
         models.add_column(column)
@@ -127,15 +180,17 @@ def _print_summary(result: dict[str, Any], console: Console) -> None:
                   f"model repository: {result['model_repository']}; deploy: {result['deploy']}")
     console.print(f"captions: seed (teacher) {result['caption_sets']['seed']}, "
                   f"corpus (captioner) {result['caption_sets']['corpus']}")
-    metrics = result.get("caption_report", {}).get("metrics") or {}
-    sets = sorted({key.split(".", 1)[0] for key in metrics if key.endswith(".fact_recall")})
-    if sets:
-        quality = Table(title="Caption quality vs the world's ground truth (corpus split)")
-        for column in ("captions", "fact recall", "false facts / caption", "mean chars"):
+    captions = result.get("caption_report", {}).get("metrics") or {}
+    names = {"captioner": "captioner (trained on the seed split)", "world:detailed": "teacher",
+             "world:brief": "brief captions (COCO-like)"}
+    if any(key.endswith(".fact_recall") for key in captions):
+        quality = Table(title="Caption quality on the corpus split (images the captioner never saw)")
+        for column in ("captions", "fact recall", "objects", "positions", "false facts / caption", "mean chars"):
             quality.add_column(column)
-        for name in sets:
-            quality.add_row(name, *(f"{metrics.get(f'{name}.{k}', float('nan')):.{d}f}"
-                                    for k, d in (("fact_recall", 3), ("hallucinated_per_caption", 2),
-                                                 ("mean_chars", 0))))
+        for name, label in names.items():
+            if f"{name}.fact_recall" in captions:
+                quality.add_row(label, *(f"{captions.get(f'{name}.{k}', float('nan')):.{d}f}"
+                                         for k, d in (("fact_recall", 3), ("recall.object", 3), ("recall.position", 3),
+                                                      ("hallucinated_per_caption", 2), ("mean_chars", 0))))
         console.print(quality)
         console.print(f"caption report (HTML): {result['caption_report']['report']}")

@@ -291,14 +291,38 @@ def merge_captions(dataset_uri: str, split: str, groups: list[dict[str, Any]], r
 # training ------------------------------------------------------------------------------------------
 
 
-def train(stage: str, dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str,
-          out_root: str, gpus: int, profile: str, overrides: list[str] | None) -> dict[str, Any]:
-    """Train `stage` (captioner, pretrain, sft) on `gpus` processes and register it (alias candidate).
+def foundations(dataset_uri: str, dataset_digest: str, out_root: str, profile: str,
+                overrides: list[str] | None) -> dict[str, Any]:
+    """The overrides every later task uses: `overrides`, plus the paths of the CLIP and Vicuna stand-ins
+    (`training.foundations`) when the recipe builds its model from config. A recipe whose model comes
+    from checkpoints (the 7B profile: `model.vision.path`, `model.language.path`) is returned as it is.
+    The foundations go to `<out_root>/foundations-<key>` (keyed by the dataset and the recipe's model
+    and foundations sections) and are trained once."""
+    from sharegpt4v.training.foundations import build_foundations
 
-    The checkpoint prefix is `<out_root>/<stage>-<key>`, keyed by the input digests, the init
+    recipe = recipe_of(profile, overrides)
+    m = recipe.model
+    given = list(overrides or [])
+    if m.checkpoint or m.vision.path or m.language.path:
+        return {"overrides": given, "uri": "", "trained": False}
+    key = content_key(dataset_digest, dataclasses.asdict(recipe.model), dataclasses.asdict(recipe.foundations), recipe.seed)
+    uri = storage.join(out_root, f"foundations-{key}")
+    with task_run("foundations", {"dataset": dataset_uri, "out": uri}):
+        result = build_foundations(recipe, dataset_uri, uri)
+    return {"overrides": [*given, *result["overrides"]], "uri": uri, "trained": True,
+            "metrics": _numbers({k: v for k, v in result.items() if "." in k})}
+
+
+def train(stage: str, dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str,
+          out_root: str, gpus: int, profile: str, overrides: list[str] | None, split: str = "train",
+          register_as: str = "") -> dict[str, Any]:
+    """Train `stage` (captioner, pretrain, sft) on `split` with `gpus` processes and register it (alias candidate).
+
+    The checkpoint prefix is `<out_root>/<stage>-<key>`, keyed by the input digests, the split, the init
     checkpoint and the recipe: a retried task resumes from its newest checkpoint, a finished one
-    returns at once, and the same checkpoint is registered once. `init`: a checkpoint, a
-    `models:/` reference, or "" (built from the recipe).
+    returns at once, and the same checkpoint is registered once. `init`: a checkpoint, a `models:/`
+    reference, or "" (built from the recipe). `register_as`: the registry entry (`tracking.REGISTERED_MODELS`
+    key) when it is not the stage's own, e.g. "base" for the brief-caption pretraining the captioner starts from.
     """
     from sharegpt4v.training.data import StageInputs
     from sharegpt4v.training.run import launch
@@ -307,18 +331,19 @@ def train(stage: str, dataset_uri: str, dataset_digest: str, captions: str, capt
     init_checkpoint, parent, init_digest = _model(init) if init else (None, {}, "")
     section = {k: v for k, v in recipe.to_dict().items() if k not in ("captioning", "teacher", "eval", "world", "ingest")}
     section["compute"] = {k: v for k, v in section["compute"].items() if k not in ("num_nodes", "gpus_per_node")}
-    out = storage.join(out_root, f"{stage}-{content_key(stage, dataset_digest, captions_digest, init_digest, section)}")
+    name = register_as or stage
+    out = storage.join(out_root, f"{name}-{content_key(stage, dataset_digest, captions_digest, init_digest, split, section)}")
     params = {"stage": stage, "dataset": dataset_uri, "captions": captions or "none", "init": init or "recipe",
-              "out": out, "gpus": gpus, "profile": profile}
+              "out": out, "gpus": gpus, "profile": profile, "split": split, "registered_as": name}
     pipeline_run = find_pipeline_run()  # before task_run: inside, new runs nest under the task's run
-    with task_run(stage, params):
-        inputs = StageInputs([dataset_uri], captions=captions or None, split="train")
+    with task_run(name, params):
+        inputs = StageInputs([dataset_uri], captions=captions or None, split=split or None)
         result = launch(stage, recipe, inputs, out, init=init_checkpoint, nproc=int(gpus))
         registered: dict[str, str] = {}
         if tracking.tracking_enabled():
             lineage = tracking.stage_lineage(parent, init, dataset_uri, dataset_digest, captions, captions_digest,
                                              pipeline_run)
-            registered = _register_once(stage, result.checkpoint_uri, result.run_id, lineage)
+            registered = _register_once(name, result.checkpoint_uri, result.run_id, lineage)
         tracking.log_metrics({"steps": result.steps, "final_loss": result.final_loss, "samples_seen": result.samples_seen})
     from sharegpt4v.modeling.builder import checkpoint_digest
 

@@ -134,6 +134,7 @@ def log_dict(data: dict[str, Any], artifact_file: str) -> None:
 
 # Registered model per stage: what each stage's output is called in the MLflow registry.
 REGISTERED_MODELS = {
+    "base": "sharegpt4v-base",  # pretrained on brief captions (LLaVA-1.5's stage): what the captioner starts from
     "captioner": "sharegpt4v-captioner",
     "pretrain": "sharegpt4v-pretrained",
     "sft": "sharegpt4v-chat",

@@ -117,7 +117,7 @@ def train_vision_tower(recipe: Any, world: WorldImages, tokenizer: Any, seed: in
     text_tower = torch.nn.ModuleDict({
         "words": torch.nn.EmbeddingBag(len(tokenizer), width, mode="mean"),
         "mlp": torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width)),
-        "image": torch.nn.Linear(width, width),
+        "image": torch.nn.Linear(width * (v.num_patches if f.vision_pooling == "flatten" else 1), width),
     })
     log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
     params = [*tower.parameters(), *text_tower.parameters(), log_scale]
@@ -130,7 +130,9 @@ def train_vision_tower(recipe: Any, world: WorldImages, tokenizer: Any, seed: in
         rows = next(batches)
         texts = [alt_text(world.scenes[i], rng, f.vision_alt_text) for i in rows]
         hidden = tower(pixel_values=world.pixels[rows], output_hidden_states=True).hidden_states[v.feature_layer]
-        image = F.normalize(text_tower["image"](hidden[:, 1:].mean(1)), dim=-1)  # the tokens LLaVA reads
+        tokens = hidden[:, 1:]  # the tokens LLaVA reads
+        pooled = tokens.flatten(1) if f.vision_pooling == "flatten" else tokens.mean(1)
+        image = F.normalize(text_tower["image"](pooled), dim=-1)
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         flat = torch.tensor([t for row in ids for t in row])
         offsets = torch.tensor([0, *[len(row) for row in ids[:-1]]]).cumsum(0)

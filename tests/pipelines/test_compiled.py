@@ -13,8 +13,8 @@ from sharegpt4v.cli import main
 from sharegpt4v.cluster import A100_PRODUCT, GPU_PRODUCT_LABEL, GPU_RESOURCE, MLFLOW_SECRET, S3_SECRET, TEACHER_SECRET
 
 PIPELINES = ("sharegpt4v", "caption-corpus", "train-captioner", "train-lmm")
-GPU_TASKS = {"sharegpt4v": {"train-captioner", "caption-shard-group", "pretrain", "sft", "evaluate"},
-             "caption-corpus": {"caption-shard-group"}, "train-captioner": {"train-captioner"},
+GPU_TASKS = {"sharegpt4v": {"train-base", "train-captioner", "caption-shard-group", "pretrain", "sft", "evaluate"},
+             "caption-corpus": {"caption-shard-group"}, "train-captioner": {"train-base", "train-captioner"},
              "train-lmm": {"pretrain", "sft", "evaluate"}}
 
 

@@ -16,7 +16,7 @@ from sharegpt4v.captioning.job import iter_caption_records
 from sharegpt4v.data.shards import open_dataset, sample_meta
 
 # Tiny steps: the point is the orchestration, not the model quality.
-FAST = ["world.samples_per_shard=12", "captioner.max_steps=12", "pretrain.max_steps=12", "sft.max_steps=12",
+FAST = ["world.samples_per_shard=12", "foundations.vision_steps=5", "foundations.language_steps=5", "captioner.max_steps=12", "pretrain.max_steps=12", "sft.max_steps=12",
         "captioner.save_every_steps=0", "pretrain.save_every_steps=0", "sft.save_every_steps=0",
         "captioning.max_new_tokens=16", "eval.limit=30", "eval.max_new_tokens=4"]
 
@@ -31,12 +31,16 @@ def test_end_to_end_pipeline_runs_locally(tmp_path: Path) -> None:
     with _services(tmp_path / "run"):
         world, seed, corpus = result["world"], result["caption_sets"]["seed"], result["caption_sets"]["corpus"]
         train_ids = {sample_meta(s)["id"] for s in open_dataset(world).samples("train")}
-        assert len(train_ids) > 20
-        # a caption record for every image of the corpus split, from the trained captioner; the teacher's too
+        val_ids = {sample_meta(s)["id"] for s in open_dataset(world).samples("val")}
+        assert len(train_ids) > 20 and val_ids
+        # a caption record for every image of the corpus split, from the trained captioner; the teacher
+        # captioned the seed split, which is disjoint from it
         corpus_records = list(iter_caption_records(corpus))
         assert {r["id"] for r in corpus_records} == train_ids and len(corpus_records) == len(train_ids)
         assert all(r["captioner"].startswith("llava:") for r in corpus_records)
-        assert {r["id"] for r in iter_caption_records(seed) if r["status"] == "ok"} == train_ids
+        assert {r["id"] for r in iter_caption_records(seed) if r["status"] == "ok"} == val_ids
+        # the tiny recipe builds its LLaVA from the foundations trained on this world
+        assert any(o.startswith("model.vision.path=") for o in result["overrides"])
         assert {g["group"] for g in result["caption_groups"]} == {0.0, 1.0}  # two shard groups, one set
         assert sum(g["shards"] for g in result["caption_groups"]) == len(open_dataset(world).shard_uris("train"))
         # model repository with both models; the deploy step printed the InferenceService (dry run)
@@ -46,7 +50,9 @@ def test_end_to_end_pipeline_runs_locally(tmp_path: Path) -> None:
 
     # registered versions with lineage, the chat model promoted to champion
     models = result["models"]
+    base = client.get_model_version("sharegpt4v-base", models["base"]["version"])
     cap = client.get_model_version("sharegpt4v-captioner", models["captioner"]["version"])
+    assert cap.tags["lineage.parent_model"] == f"sharegpt4v-base/{base.version}"  # fine-tuned from a pretrained LMM
     pre = client.get_model_version("sharegpt4v-pretrained", models["pretrain"]["version"])
     chat = client.get_model_version("sharegpt4v-chat", models["sft"]["version"])
     assert cap.tags["lineage.captions"] == seed and pre.tags["lineage.captions"] == corpus
@@ -65,7 +71,7 @@ def test_end_to_end_pipeline_runs_locally(tmp_path: Path) -> None:
     assert "captioner.max_steps=12" in parent.data.params["pipeline.overrides"]
     experiment = parent.info.experiment_id
     tasks = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert {"synthetic-world", "seed-captions", "captioner", "caption-group-0-of-2", "caption-group-1-of-2",
+    assert {"synthetic-world", "foundations", "base", "seed-captions", "captioner", "caption-group-0-of-2", "caption-group-1-of-2",
             "merge-captions", "pretrain", "sft", "evaluate", "promote", "export-model-repository",
             "deploy"} <= {t.info.run_name for t in tasks}
     evaluate_task = next(t for t in tasks if t.info.run_name == "evaluate")
