@@ -400,7 +400,8 @@ class RecipeConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     foundations: FoundationsConfig = dataclasses.field(default_factory=FoundationsConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
-    captioner: StageConfig = _default_stage(template="vicuna_v1", image_aspect="pad")
+    captioner: StageConfig = _default_stage(template="vicuna_v1", image_aspect="pad",
+                                            mix={"captions": 1.0, "vqa": 0.0, "conversations": 0.0})
     pretrain: StageConfig = _default_stage(template="plain", image_aspect="crop", vit_unfreeze_from=0)
     sft: StageConfig = _default_stage(template="vicuna_v1", image_aspect="pad")
     captioning: CaptioningConfig = dataclasses.field(default_factory=CaptioningConfig)

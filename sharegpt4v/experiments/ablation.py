@@ -44,13 +44,11 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_ARMS = ("A", "B", "D", "C", "shuffled", "none")
 
-# The miniature (README, science section): 48 px photo-like scenes of 1-3 shapes on a 3x3 grid, no
-# printed words; one image token per grid cell (48 px / patch 16). The foundations come from the
-# train split; pretraining reads the train split, the captioner's seed captions and SFT the val split,
-# evaluation the whole test split.
+# The tiny profile is the miniature (README, science section). The ablation sizes its splits: the train
+# split gives the foundations and the pretraining corpus, the val split the captioner's seed captions and
+# the SFT questions (images pretraining never saw), the test split the evaluation, whole.
 ABLATION_OVERRIDES = (
-    "world.image_size=48", "world.max_objects=3", "world.sources.text=0", "world.sources.art=0",
-    "world.text_probability=0", "world.splits.train=0.8", "world.splits.val=0.15", "world.splits.test=0.05",
+    "world.splits.train=0.8", "world.splits.val=0.175", "world.splits.test=0.025",
     "sft.mix.conversations=0", "sft.mix.captions=0",
     "eval.split=test", "eval.limit=null", "eval.max_new_tokens=4", "eval.batch_size=64",
 )

@@ -234,7 +234,9 @@ def build_index(stage_name: str, stage: Any, inputs: StageInputs, seed: int = 0)
     captions, caption_info = (None, None)
     if inputs.captions:
         captions, caption_info = load_caption_set(inputs.captions)
-    sft = stage_name == "sft"
+    # SFT mixes its kinds by `stage.mix`; the captioner too (its seed captions, optionally with short
+    # grounded questions about the same images); pretraining reads captions only.
+    sft = stage_name in ("sft", "captioner")
     mix = dict(stage.mix) if sft else {"captions": 1.0}
     want = {KINDS.index(k) for k, w in mix.items() if w > 0}
     counts: Counter = Counter()
