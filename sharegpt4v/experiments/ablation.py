@@ -48,8 +48,8 @@ DEFAULT_ARMS = ("A", "B", "D", "C", "shuffled", "none")
 # split gives the foundations and the pretraining corpus, the val split the captioner's seed captions and
 # the SFT questions (images pretraining never saw), the test split the evaluation, whole.
 ABLATION_OVERRIDES = (
-    "world.splits.train=0.8", "world.splits.val=0.175", "world.splits.test=0.025",
-    "sft.mix.conversations=0", "sft.mix.captions=0",
+    "world.splits.train=0.8", "world.splits.val=0.18", "world.splits.test=0.02",
+    "sft.mix.conversations=0", "sft.mix.captions=0", "sft.max_samples=6400",
     "eval.split=test", "eval.limit=null", "eval.max_new_tokens=4", "eval.batch_size=64",
 )
 
@@ -163,7 +163,7 @@ def run_arm(recipe: RecipeConfig, arm: str, seed: int, world: str, out: str, pla
         results = evaluate(sft.checkpoint_uri, r, dataset_uri=world, out=f"{out}/eval")
         metrics = flat_metrics(results)
         outcome: dict[str, Any] = {"arm": arm, "seed": seed, "metrics": metrics}
-        if arm == "B":  # the same model without its eyes: the second blind row
+        if arm == "B" and seed == plan.seeds[0]:  # the same model without its eyes: the second blind row
             from sharegpt4v.evaluation.blind import BlankImageAnswerer
             from sharegpt4v.evaluation.run import as_answerer
 

@@ -19,6 +19,11 @@ def recipe() -> RecipeConfig:
     return load_recipe("tiny")
 
 
+# The tiny profile's image side and image-token count (48 px / patch 16 = 9 tokens at the time of writing).
+IMAGE_SIZE = load_recipe("tiny").model.vision.image_size
+IMAGE_TOKENS = load_recipe("tiny").model.image_tokens
+
+
 @functools.lru_cache(maxsize=4)
 def world(n: int = 300) -> tuple[WorldSample, ...]:
     return tuple(make_sample(0, i, WorldConfig()) for i in range(n))

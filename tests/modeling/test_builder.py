@@ -32,7 +32,7 @@ from sharegpt4v.modeling.builder import (
 from sharegpt4v.modeling.images import preprocess
 from sharegpt4v.modeling.inference import InferenceEngine
 from sharegpt4v.modeling.templates import generation_prompt
-from tests.modeling.fixtures import corpus, recipe, tiny_model, tokenizer, world
+from tests.modeling.fixtures import IMAGE_SIZE, IMAGE_TOKENS, corpus, recipe, tiny_model, tokenizer, world
 
 
 def _logits(model: Any, processor: Any) -> torch.Tensor:
@@ -40,7 +40,7 @@ def _logits(model: Any, processor: Any) -> torch.Tensor:
         generation_prompt("vicuna_v1", "What is in the image?")
     )
     with torch.no_grad():
-        return model(input_ids=torch.tensor([engine_ids]), pixel_values=preprocess([world(1)[0].image], 32, "pad")).logits
+        return model(input_ids=torch.tensor([engine_ids]), pixel_values=preprocess([world(1)[0].image], IMAGE_SIZE, "pad")).logits
 
 
 def test_tiny_build_is_deterministic_and_sized_from_config() -> None:
@@ -51,7 +51,7 @@ def test_tiny_build_is_deterministic_and_sized_from_config() -> None:
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     cfg = recipe().model
     assert isinstance(processor, LlavaProcessor)
-    assert a.config.image_seq_length == cfg.image_tokens == 16
+    assert a.config.image_seq_length == cfg.image_tokens == (cfg.vision.image_size // cfg.vision.patch_size) ** 2
     assert a.config.vision_feature_layer == -2 and a.config.vision_feature_select_strategy == "default"
     assert len(a.model.vision_tower.encoder.layers) == cfg.vision.num_layers
     assert len(a.model.language_model.layers) == cfg.language.num_layers
@@ -204,4 +204,4 @@ def test_build_model_dispatch_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="projector"):
         build_model(dataclasses.replace(cfg, projector="linear"), tokenizer())
     model, _ = build_model(cfg, tokenizer(), seed=3)
-    assert model.config.image_seq_length == 16
+    assert model.config.image_seq_length == IMAGE_TOKENS

@@ -14,7 +14,7 @@ from sharegpt4v.modeling.builder import CheckpointError, load_model, save_model
 from sharegpt4v.modeling.images import preprocess
 from sharegpt4v.modeling.inference import InferenceEngine
 from sharegpt4v.modeling.templates import generation_prompt
-from tests.modeling.fixtures import recipe, tiny_model, world
+from tests.modeling.fixtures import IMAGE_SIZE, recipe, tiny_model, world
 
 
 def _logits(model: Any, processor: Any) -> torch.Tensor:
@@ -22,7 +22,7 @@ def _logits(model: Any, processor: Any) -> torch.Tensor:
         generation_prompt("vicuna_v1", "How many objects are there?")
     )
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), pixel_values=preprocess([world(2)[1].image], 32, "pad")).logits
+        return model(input_ids=torch.tensor([ids]), pixel_values=preprocess([world(2)[1].image], IMAGE_SIZE, "pad")).logits
 
 
 def test_round_trip_gives_identical_logits_and_writes_the_manifest_last(

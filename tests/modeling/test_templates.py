@@ -16,9 +16,7 @@ from sharegpt4v.modeling.templates import (
     encode_conversation,
     generation_prompt,
 )
-from tests.modeling.fixtures import recipe, tiny_model, tokenizer, world
-
-IMAGE_TOKENS = 16
+from tests.modeling.fixtures import IMAGE_SIZE, IMAGE_TOKENS, recipe, tiny_model, tokenizer, world
 
 
 def _supervised_runs(labels: list[int]) -> list[list[int]]:
@@ -83,7 +81,7 @@ def test_truncation_is_flagged_not_dropped() -> None:
     prompt_len = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
     none_left = encode_conversation(conv, tok, "vicuna_v1", prompt_len, IMAGE_TOKENS)
     assert none_left.truncated and none_left.fully_masked and none_left.supervised_tokens == 0
-    with pytest.raises(ValueError, match="cuts through the 16 image tokens"):
+    with pytest.raises(ValueError, match=f"cuts through the {IMAGE_TOKENS} image tokens"):
         encode_conversation(conv, tok, "vicuna_v1", full.input_ids.index(4) + 5, IMAGE_TOKENS)
 
 
@@ -123,7 +121,7 @@ def test_labels_line_up_with_the_model_inputs() -> None:
     out = model(
         input_ids=torch.tensor([enc.input_ids]),
         labels=torch.tensor([enc.labels]),
-        pixel_values=preprocess([world(3)[2].image], 32, "pad"),
+        pixel_values=preprocess([world(3)[2].image], IMAGE_SIZE, "pad"),
     )
     assert torch.isfinite(out.loss) and out.loss.item() > 0
 

@@ -27,9 +27,8 @@ from sharegpt4v.training.data import (
     rank_windows,
     vqa_conversation,
 )
+from tests.modeling.fixtures import IMAGE_TOKENS
 from tests.training.conftest import is_error, seed_caption
-
-IMAGE_TOKENS = 16
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,6 +36,10 @@ def tokenizer() -> Any:
     from tests.modeling.fixtures import tokenizer as make
 
     return make()
+
+
+# The tiny profile mixes short questions into captioner training; these tests look at the captions alone.
+CAPTIONS_ONLY = ("captioner.mix.captions=1", "captioner.mix.vqa=0")
 
 
 def recipe(*overrides: str) -> Any:
@@ -60,7 +63,7 @@ def world_meta(world: str, split: str = "train") -> dict[str, dict[str, Any]]:
 
 
 def test_captioner_trains_on_seed_captions_joined_by_id(world: str, seed_captions: str) -> None:
-    stage = recipe().captioner
+    stage = recipe(*CAPTIONS_ONLY).captioner
     index = build_index("captioner", stage, StageInputs([world], seed_captions))
     train_ids = set(world_meta(world))
     errors = {i for i in train_ids if is_error(i)}
@@ -79,12 +82,22 @@ def test_captioner_trains_on_seed_captions_joined_by_id(world: str, seed_caption
 
 
 def test_captioner_without_caption_set_uses_the_world_caption_field(world: str) -> None:
-    stage = recipe("captioner.caption_field=brief_caption").captioner
+    stage = recipe(*CAPTIONS_ONLY, "captioner.caption_field=brief_caption").captioner
     index = build_index("captioner", stage, StageInputs([world]))
     meta = world_meta(world)
     assert len(index) == len(meta)
     for ex in take(index, stage, 5):
         assert ex.conversation[1]["value"] == meta[ex.id]["brief_caption"]
+
+
+def test_captioner_mixes_short_questions_with_its_seed_captions(world: str, seed_captions: str) -> None:
+    r = recipe("captioner.mix={captions: 3, vqa: 1, conversations: 0}")
+    index = build_index("captioner", r.captioner, StageInputs([world], seed_captions))
+    c = index.counts
+    assert c["examples.vqa"] > 0 and abs(c["examples.captions"] - 3 * c["examples.vqa"]) <= 3  # 3 : 1, rounded
+    examples = take(index, r.captioner, len(index))
+    captions = [e for e in examples if e.conversation[0]["value"] == f"<image>\n{CAPTION_INSTRUCTION}"]
+    assert len(captions) == c["examples.captions"] and all(e.conversation[1]["value"] == seed_caption(e.id) for e in captions)
 
 
 @pytest.mark.parametrize("field", ["detailed_caption", "brief_caption"])

@@ -11,7 +11,7 @@ from sharegpt4v.config import load_recipe
 from sharegpt4v.modeling.builder import build_empty
 from sharegpt4v.training.data import Position, RawExample, caption_conversation, encode_examples
 from sharegpt4v.training.trainer import apply_freezing, used_vision_layers, vision_layers
-from tests.modeling.fixtures import png, tiny_model
+from tests.modeling.fixtures import IMAGE_SIZE, IMAGE_TOKENS, png, tiny_model
 
 
 def _groups(names: list[str]) -> set[str]:
@@ -29,9 +29,9 @@ def _groups(names: list[str]) -> set[str]:
 
 
 def test_pretrain_trains_llm_projector_and_vit_except_its_last_layer() -> None:
-    recipe = load_recipe("tiny")
+    recipe = load_recipe("tiny", ["pretrain.vit_unfreeze_from=0"])
     model, processor = tiny_model()
-    names = apply_freezing(model, recipe.pretrain)  # vit_unfreeze_from: 0, 4 layers, feature layer -2
+    names = apply_freezing(model, recipe.pretrain)  # 4 layers, feature layer -2
     assert used_vision_layers(model) == 3
     assert _groups(names) == {"llm", "projector", "vit.0", "vit.1", "vit.2"}
     assert not any(p.requires_grad for p in vision_layers(model)[3].parameters())
@@ -41,7 +41,7 @@ def test_pretrain_trains_llm_projector_and_vit_except_its_last_layer() -> None:
     # one backward pass: every trainable parameter gets a gradient (DDP/ZeRO would fail on unused ones)
     tok = processor.tokenizer
     ex = RawExample("x", caption_conversation("a red square at the top"), png((48, 32), (200, 20, 20)), Position())
-    batch = encode_examples([ex, ex], tok, "plain", 64, 16, 32, "crop", tok.pad_token_id)
+    batch = encode_examples([ex, ex], tok, "plain", 64, IMAGE_TOKENS, IMAGE_SIZE, "crop", tok.pad_token_id)
     model.train()
     model(**batch.model_inputs()).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]

@@ -34,7 +34,7 @@ FAST = ["pretrain.caption_field=brief_caption", "captioning.max_new_tokens=16",
 def test_schedule_and_step_count() -> None:
     recipe = load_recipe("tiny", ["pretrain.epochs=1"])
     assert total_steps(recipe.pretrain, 18_000) == 562  # 1 epoch x 18K / 32 ...
-    assert total_steps(recipe.sft, 100_000) == 800  # ... capped by max_steps
+    assert total_steps(recipe.sft, 100_000) == recipe.sft.max_steps == 400  # ... capped by max_steps
     warm = [lr_factor(s, 100, 5, "cosine") for s in range(100)]
     assert warm[:5] == [0.2, 0.4, 0.6, 0.8, 1.0] and warm[5] == 1.0
     assert all(a >= b for a, b in zip(warm[5:], warm[6:])) and 0 < warm[-1] < 0.01
@@ -49,6 +49,7 @@ def _mean(xs: list[float]) -> float:
 def test_pretrain_then_sft_chain_on_cpu(world: str, tmp_path: Path, mlflow_sqlite: str) -> None:
     recipe = load_recipe("tiny", [*FAST, "pretrain.max_steps=40", "pretrain.global_batch_size=8",
                                   "pretrain.micro_batch_size=8", "pretrain.learning_rate=0.003", "pretrain.epochs=4",
+                                  "pretrain.vit_unfreeze_from=0",
                                   "sft.max_steps=30", "sft.global_batch_size=8", "sft.micro_batch_size=4",
                                   "sft.learning_rate=0.001"])
     trace = tmp_path / "trace"
