@@ -70,13 +70,15 @@ def test_shuffled_captions_describe_another_image(tmp_path: Path) -> None:
 
 
 def test_targets_read_the_paper_s_claims_off_the_rows() -> None:
-    def row(p: float, **cats: float) -> dict:
+    def row(p: float, short: float | None = None, **cats: float) -> dict:
         values = {"world-vqa.perception": {"mean": p, "std": 0.0}}
+        if short is not None:
+            values["world-vqa.short.acc"] = {"mean": short, "std": 0.0}
         values.update({f"world-vqa.yesno.categories.{c}.score": {"mean": v, "std": 0.0} for c, v in cats.items()})
         return {"values": values}
 
     cats = dict(existence=60.0, count=85.0, position=70.0, colour=75.0)
-    summary = {"rows": {"A": row(40.0), "B": row(70.0, **cats), "D": row(64.0), "shuffled": row(38.0),
+    summary = {"rows": {"A": row(40.0, 0.4), "B": row(70.0, 0.6, **cats), "D": row(64.0, 0.5), "shuffled": row(38.0),
                         BLIND_MAJORITY: row(30.0, existence=27.0, count=80.0, position=30.0, colour=25.0),
                         BLIND_IMAGE: row(28.0, existence=30.0, count=86.0, position=35.0, colour=25.0)}}
     t = targets(summary)
@@ -85,6 +87,9 @@ def test_targets_read_the_paper_s_claims_off_the_rows() -> None:
     assert t["shuffled <= A"]["met"]
     # B must beat the stronger blind row in every category: count (86 blank-image) is not beaten.
     assert t["B above blind"]["value"]["count"] == pytest.approx(-1.0) and not t["B above blind"]["met"]
+    # short answers are reported beside the targets, never counted as met
+    assert t["B - A short answers"] == {"value": pytest.approx(0.2), "met": None}
+    assert t["D share of B's short-answer gain"]["value"] == pytest.approx(0.5)
 
 
 @pytest.mark.slow
@@ -110,6 +115,7 @@ def test_toy_ablation_end_to_end(tmp_path: Path, mlflow_sqlite: str) -> None:
                                        "captioner recall / teacher's"}
     table = (tmp_path / "ablation" / "results.md").read_text()
     assert table == results_table(summary) and "| B: teacher-detailed captions | 2 |" in table
+    assert "| B - A short answers | (reported) |" in table  # reported beside the targets, never "met"
 
     client = MlflowClient(mlflow_sqlite)
     experiment = client.get_experiment_by_name(EXPERIMENT)
