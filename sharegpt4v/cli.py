@@ -579,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "demo", cmd_demo, "the main job on the embedded default: the sharegpt4v pipeline with kfp.local on "
             "local S3 + MLflow, then the champion served on the local Triton server")
     p.add_argument("--dir", default=".local/demo", help="working folder for the local services and pipeline outputs")
-    p.add_argument("--images", type=int, default=600, help="synthetic world size")
+    p.add_argument("--images", type=int, default=2000, help="synthetic world size (60 %% corpus, 30 %% seed captions "
+                   "and SFT questions, 10 %% test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-groups", type=int, default=2, help="parallel corpus-captioning tasks (ParallelFor)")
     _recipe_args(p)

@@ -26,16 +26,20 @@ from sharegpt4v.config import load_recipe
 from sharegpt4v.services import local_services
 
 BUCKET = "sharegpt4v"
+# The demo's world gives the captioner a seed split (val) big enough to learn from: the corpus it captions
+# (train) and the test split it is judged on are images it never saw. The caller's overrides come after.
+DEMO_OVERRIDES = ("world.splits.train=0.6", "world.splits.val=0.3", "world.splits.test=0.1")
 
 
-def run_demo(workdir: Path, images: int = 600, seed: int = 0, profile: str = "tiny",
+def run_demo(workdir: Path, images: int = 2000, seed: int = 0, profile: str = "tiny",
              overrides: list[str] | tuple[str, ...] = (), shard_groups: int = 2) -> dict[str, Any]:
     from pipelines.runner import run_local
 
+    overrides = [*DEMO_OVERRIDES, *overrides]
     console = Console()
     for noisy in ("mlflow", "alembic"):  # their INFO lines would drown the report
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    load_recipe(profile, overrides)  # a bad override fails here, before anything starts
+    recipe = load_recipe(profile, overrides)  # a bad override fails here, before anything starts
     workdir = workdir.resolve()
     console.rule("[bold]ShareGPT4V platform: the end-to-end pipeline on the embedded default")
     with local_services(workdir, buckets=(BUCKET,)) as (s3, mlflow):
@@ -51,7 +55,7 @@ def run_demo(workdir: Path, images: int = 600, seed: int = 0, profile: str = "ti
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
             result = run_local(workdir, images=images, seed=seed, profile=profile, overrides=overrides,
                                shard_groups=shard_groups, start_services=False)
-        served = _ask_served_models(result, workdir, console)
+        served = _ask_served_models(result, workdir, console, caption_tokens=recipe.serving.max_tokens_limit)
         _print_summary(result, console)
         console.print(
             f"\nPipeline finished in {result['minutes']:.1f} min. Data stays in {workdir} "
@@ -100,20 +104,23 @@ def _held_out_sample(world_uri: str) -> dict[str, Any]:
             "detailed_caption": meta["detailed_caption"]}
 
 
-def _ask_served_models(result: dict[str, Any], workdir: Path, console: Console) -> dict[str, Any]:
+def _ask_served_models(result: dict[str, Any], workdir: Path, console: Console, caption_tokens: int) -> dict[str, Any]:
+    """The captioner and the chat model, served on Triton, about one test image; questions are asked with the
+    prompts the chat model was instruction-tuned and evaluated with (LLaVA's short-answer suffix)."""
     from sharegpt4v.evaluation.blind import blank_image
     from sharegpt4v.evaluation.common import normalize_short, parse_yes_no
     from sharegpt4v.serving import client
     from sharegpt4v.serving.triton import start_triton
+    from sharegpt4v.training.data import vqa_prompt
     from sharegpt4v.world import Scene, score_caption
 
     sample = _held_out_sample(result["world"])
     scene = Scene.from_dict(sample["scene"])
     console.print(f"\nServing {result['model_repository']} on the local Triton server ...")
     with start_triton(result["model_repository"], workdir / "triton") as server:
-        caption = client.caption(server.http_url, sample["image"])
-        blind_caption = client.caption(server.http_url, blank_image())
-        answers = [client.chat(server.http_url, sample["image"], q["question"])["text"] for q in sample["questions"]]
+        caption = client.caption(server.http_url, sample["image"], max_tokens=caption_tokens)
+        blind_caption = client.caption(server.http_url, blank_image(), max_tokens=caption_tokens)
+        answers = [client.chat(server.http_url, sample["image"], vqa_prompt(q)) for q in sample["questions"]]
     own, blind = score_caption(caption["text"], scene), score_caption(blind_caption["text"], scene)
     console.print(f"[bold]A held-out image[/bold] ({sample['id']}, test split: no model trained on it):")
     console.print(f"  captioner (Triton, model `captioner`): {caption['text']}")
@@ -126,7 +133,8 @@ def _ask_served_models(result: dict[str, Any], workdir: Path, console: Console) 
     table = Table(title="The chat model (Triton, model `chat`) on the same image")
     for column in ("question", "answer", "truth", ""):
         table.add_column(column)
-    for q, text in zip(sample["questions"], answers):
+    for q, answer in zip(sample["questions"], answers):
+        text = answer["text"]
         ok = (parse_yes_no(text) == q["answer"]) if q["kind"] == "yesno" else normalize_short(text) == normalize_short(q["answer"])
         right += ok
         table.add_row(q["question"], repr(text), repr(q["answer"]), "right" if ok else "wrong")
