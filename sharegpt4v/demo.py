@@ -192,7 +192,7 @@ def _print_summary(result: dict[str, Any], console: Console) -> None:
     names = {"captioner": "captioner (trained on the seed split)", "world:detailed": "teacher",
              "world:brief": "brief captions (COCO-like)"}
     if any(key.endswith(".fact_recall") for key in captions):
-        quality = Table(title="Caption quality on the corpus split (images the captioner never saw)")
+        quality = Table(title="Caption quality on the corpus split (no seed caption of these images)")
         for column in ("captions", "fact recall", "objects", "positions", "false facts / caption", "mean chars"):
             quality.add_column(column)
         for name, label in names.items():
