@@ -93,40 +93,32 @@ def ensure_experiment(name: str) -> str:
     return mlflow.set_experiment(name).experiment_id
 
 
+def _active_run_mlflow() -> Any | None:
+    """The mlflow module when tracking is on and a run is active (the log_* calls below are no-ops otherwise)."""
+    if not tracking_enabled():
+        return None
+    mlflow = _mlflow()
+    return mlflow if mlflow.active_run() is not None else None
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """One batched call for many metrics (a synchronous call costs ~50 ms)."""
-    if not tracking_enabled():
-        return
-    mlflow = _mlflow()
-
-    if mlflow.active_run() is not None:
+    if (mlflow := _active_run_mlflow()) is not None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_image(image: Any, artifact_file: str) -> None:
-    if not tracking_enabled():
-        return
-    mlflow = _mlflow()
-
-    if mlflow.active_run() is not None:
+    if (mlflow := _active_run_mlflow()) is not None:
         mlflow.log_image(image, artifact_file)
 
 
 def log_text(text: str, artifact_file: str) -> None:
-    if not tracking_enabled():
-        return
-    mlflow = _mlflow()
-
-    if mlflow.active_run() is not None:
+    if (mlflow := _active_run_mlflow()) is not None:
         mlflow.log_text(text, artifact_file)
 
 
 def log_dict(data: dict[str, Any], artifact_file: str) -> None:
-    if not tracking_enabled():
-        return
-    mlflow = _mlflow()
-
-    if mlflow.active_run() is not None:
+    if (mlflow := _active_run_mlflow()) is not None:
         mlflow.log_dict(data, artifact_file)
 
 
