@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import threading
 import urllib.request
 import uuid
@@ -49,8 +51,6 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(s3_server: services.LocalS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    from kserve_storage import Storage
-
     tmp = tmp_path_factory.mktemp("triton")
     with pytest.MonkeyPatch.context() as env:
         for key, value in s3_server.env.items():
@@ -69,9 +69,19 @@ def served(s3_server: services.LocalS3, tmp_path_factory: pytest.TempPathFactory
             f"{root}/model-repo", recipe(), kind="KIND_CPU",
         )
         download = tmp / "mnt-models"
-        Storage.download(export["uri"], str(download))  # what KServe's storage initializer runs
+        kserve_storage_initializer(export["uri"], download)
         with start_triton(download, tmp / "work") as triton:
             yield Served(triton, export, download, {"chat": chat, "captioner": captioner}, mlflow.tracking_uri)
+
+
+def kserve_storage_initializer(uri: str, destination: Path) -> None:
+    """Run KServe's storage-initializer code in its own process, as its init container does.
+
+    `Storage.download` forks a multiprocessing pool; forking this test process (torch and boto
+    threads alive) can deadlock a child, which hung a CI run, so it gets a fresh interpreter.
+    """
+    code = "import sys; from kserve_storage import Storage; Storage.download(sys.argv[1], sys.argv[2])"
+    subprocess.run([sys.executable, "-c", code, uri, str(destination)], check=True, timeout=300)
 
 
 def rows(module: Any, name: str, values: list[Any], dtype: str) -> Any:
