@@ -160,7 +160,10 @@ def cmd_caption_run(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     device = args.device or recipe.compute.device
     captioner = make_captioner(args.model, recipe, device=device)
-    return _run_job(args, captioner, batch_size=args.batch_size or recipe.captioning.batch_size)
+    try:
+        return _run_job(args, captioner, batch_size=args.batch_size or recipe.captioning.batch_size)
+    finally:
+        captioner.close()
 
 
 def cmd_caption_finalize(args: argparse.Namespace) -> int:

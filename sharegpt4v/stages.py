@@ -252,8 +252,11 @@ def caption_shard_group(dataset_uri: str, dataset_digest: str, model: str, out_r
               "split": split or "all", "gpus": gpus}
     with task_run(f"caption-group-{group}-of-{groups}", params):
         captioner = make_captioner(checkpoint, recipe, device=recipe.compute.device)
-        summary = run_caption_job(dataset_uri, uri, captioner, batch_size=recipe.captioning.batch_size, worker=group,
-                                  num_workers=groups, split=split or None, progress=False)
+        try:
+            summary = run_caption_job(dataset_uri, uri, captioner, batch_size=recipe.captioning.batch_size,
+                                      worker=group, num_workers=groups, split=split or None, progress=False)
+        finally:
+            captioner.close()
     result = summary.to_dict()
     return {"uri": uri, "group": group, "groups": groups, "captioned": result["captioned"], "ok": result["ok"],
             "error": result["error"], "shards": result["shards_total"]}

@@ -1,15 +1,14 @@
 """The local captioner (Share-Captioner): a LLaVA model behind the `Captioner` interface.
 
-Backends: `transformers` (the batched `InferenceEngine`) or `vllm` (when the package is
-installed). Both use the fixed `CAPTION_INSTRUCTION` in the `vicuna_v1` generation prompt.
+Backends: `transformers` (the batched `InferenceEngine`, the portable fallback) or `vllm`
+(`engines.vllm_client`, in the engine environment made by scripts/setup_engine.sh). Both use the fixed `CAPTION_INSTRUCTION` in the `vicuna_v1` generation prompt.
 A caption that hit `max_new_tokens` is still `ok` but carries `reason="truncated"` and a
 `detail` line; an undecodable image is an error result with reason `bad_image`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import time
+import json
 from typing import Any
 
 from sharegpt4v.captioning.records import (
@@ -17,17 +16,12 @@ from sharegpt4v.captioning.records import (
     CaptionRequest,
     CaptionResult,
 )
-from sharegpt4v.errors import PlatformError
-from sharegpt4v.modeling.images import CLIP_MEAN, expand2square, load_image
+from sharegpt4v.modeling.images import square_image
 from sharegpt4v.modeling.inference import Generation, InferenceEngine
 from sharegpt4v.modeling.templates import generation_prompt
 
 PROMPT_ID = "captioner-v1"
 CAPTION_TEMPLATE = "vicuna_v1"
-
-
-class BackendUnavailable(PlatformError):
-    """The configured captioning backend cannot run here (e.g. its package is not installed)."""
 
 
 def caption_prompt() -> str:
@@ -55,59 +49,63 @@ class LlavaCaptioner:
         self.engine = engine
         self.name = name
         self.prompt = caption_prompt()
+        self.min_new_tokens = 0  # benchmarks set it to max_new_tokens: equal work whatever the weights
 
     def caption_batch(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
-        generations = self.engine.generate([r.image for r in requests], [self.prompt] * len(requests))
+        generations = self.engine.generate(
+            [r.image for r in requests], [self.prompt] * len(requests), min_new_tokens=self.min_new_tokens
+        )
         return [_result(r, g, self.engine.cfg.max_new_tokens) for r, g in zip(requests, generations)]
+
+    def close(self) -> None:
+        """Nothing to stop: the model lives in this process (the vLLM captioner stops its engine)."""
 
 
 class VllmCaptioner:
-    """`Captioner` over vLLM (continuous batching, paged KV cache). Not exercised by the tests here:
-    vLLM is not installed on the development machines."""
+    """`Captioner` over vLLM (paged KV cache, continuous batching) in the engine environment.
 
-    def __init__(self, model_dir: str, captioning_cfg: Any, name: str, aspect: str = "pad", dtype: str = "auto"):
+    Same prompt and pixels as `LlavaCaptioner`: images are padded (or cropped) and resized here,
+    the checkpoint's own dtype is used, and results carry the same reasons and token counts.
+    """
+
+    def __init__(self, engine: Any, captioning_cfg: Any, name: str, image_size: int, aspect: str = "pad"):
         if captioning_cfg.num_beams > 1:
             raise ValueError("captioning.num_beams: the vllm backend runs greedy or sampling only; set num_beams=1")
-        from vllm import LLM, SamplingParams
-
-        self.name = name
-        self.cfg = captioning_cfg
-        self.aspect = aspect
-        self.prompt = caption_prompt()  # vLLM expands the single <image> placeholder itself
-        self.llm = LLM(model=model_dir, dtype=dtype, limit_mm_per_prompt={"image": 1})
-        self.params = SamplingParams(
-            max_tokens=captioning_cfg.max_new_tokens,
-            temperature=captioning_cfg.temperature if captioning_cfg.do_sample else 0.0,
-            repetition_penalty=captioning_cfg.repetition_penalty,
-        )
+        self.engine, self.cfg, self.name = engine, captioning_cfg, name
+        self.image_size, self.aspect = image_size, aspect
+        self.prompt = caption_prompt()  # no BOS: vLLM adds it, as the platform's tokenizer does
+        self.min_new_tokens = 0  # benchmarks set it to max_new_tokens: equal work whatever the weights
 
     def caption_batch(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         results: list[CaptionResult | None] = [None] * len(requests)
-        inputs, index = [], []
+        images, index = [], []
         for i, request in enumerate(requests):
             try:
-                image = load_image(request.image)
+                images.append(square_image(request.image, self.image_size, self.aspect))  # type: ignore[arg-type]
             except ValueError as exc:
                 results[i] = CaptionResult.error(request.id, "bad_image", str(exc), prompt_id=PROMPT_ID)
                 continue
-            if self.aspect == "pad":  # vLLM's HF processor crops; LLaVA-1.5 pads to a square
-                image = expand2square(image, tuple(int(m * 255) for m in CLIP_MEAN))  # type: ignore[arg-type]
-            inputs.append({"prompt": self.prompt, "multi_modal_data": {"image": image}})
             index.append(i)
-        began = time.perf_counter()
-        outputs = self.llm.generate(inputs, self.params, use_tqdm=False) if inputs else []
-        share = (time.perf_counter() - began) / max(1, len(inputs))
+        cfg = self.cfg
+        outputs, seconds = self.engine.generate(
+            images, [self.prompt] * len(images), max_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature if cfg.do_sample else 0.0, repetition_penalty=cfg.repetition_penalty,
+            min_tokens=self.min_new_tokens,
+        )
+        share = seconds / max(1, len(images))
         for i, out in zip(index, outputs):
-            completion = out.outputs[0]
             gen = Generation(
-                text=completion.text.strip(),
-                prompt_tokens=len(out.prompt_token_ids or []),
-                completion_tokens=len(completion.token_ids),
-                finish_reason="length" if completion.finish_reason == "length" else "stop",
+                text=out["text"].strip(),
+                prompt_tokens=out["prompt_tokens"],
+                completion_tokens=out["completion_tokens"],
+                finish_reason="length" if out["finish_reason"] == "length" else "stop",
                 seconds=share,
             )
-            results[i] = _result(requests[i], gen, self.cfg.max_new_tokens)
+            results[i] = _result(requests[i], gen, cfg.max_new_tokens)
         return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def _configs(recipe_or_cfgs: Any) -> tuple[Any, Any, str]:
@@ -127,15 +125,15 @@ def make_captioner(model_uri: str, recipe_or_cfgs: Any, device: str = "cpu", nam
     from sharegpt4v.modeling.builder import checkpoint_digest, load_model, materialize
 
     model_cfg, captioning_cfg, aspect = _configs(recipe_or_cfgs)
-    if captioning_cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise BackendUnavailable(
-            "captioning.backend=vllm needs the 'vllm' package, which is not installed "
-            "(install vllm on the GPU image, or set captioning.backend=transformers)"
-        )
     name = name or f"llava:{model_uri}@{checkpoint_digest(model_uri)}"
     if captioning_cfg.backend == "vllm":
-        folder = materialize(model_uri, require_manifest=True)
-        return VllmCaptioner(str(folder), captioning_cfg, name, aspect)
+        from sharegpt4v.engines.vllm_client import VllmEngine, engine_python
+        from sharegpt4v.modeling.hf_layout import llava_hf_folder
+
+        engine_python()  # a missing engine environment fails here, before anything is downloaded
+        folder = llava_hf_folder(materialize(model_uri, require_manifest=True))
+        image_size = json.loads((folder / "config.json").read_text())["vision_config"]["image_size"]
+        return VllmCaptioner(VllmEngine(folder), captioning_cfg, name, int(image_size), aspect)
     model, processor = load_model(model_uri, device=device)
     engine = InferenceEngine(model, processor, model_cfg, captioning_cfg, device=device, aspect=aspect)
     return LlavaCaptioner(engine, name)

@@ -107,11 +107,14 @@ def captioner_chain(recipe: RecipeConfig, plan: AblationPlan, world: str) -> dic
     engine = make_captioner(captioner.checkpoint_uri, a, device=a.compute.device, name="share-captioner")
     corpus = f"{plan.out}/captioner/corpus"
     held_out = f"{plan.out}/captioner/test"
-    for split, out in ((plan.corpus_split, corpus), ("test", held_out)):
-        summary = run_caption_job(world, out, engine, batch_size=a.captioning.batch_size, split=split, progress=False)
-        if not summary.complete:
-            raise RuntimeError(f"captioning {split} did not finish: {summary.to_dict()}")
-    blank = _blank_captions(engine, world, f"{plan.out}/captioner/blank", limit=64)
+    try:
+        for split, out in ((plan.corpus_split, corpus), ("test", held_out)):
+            summary = run_caption_job(world, out, engine, batch_size=a.captioning.batch_size, split=split, progress=False)
+            if not summary.complete:
+                raise RuntimeError(f"captioning {split} did not finish: {summary.to_dict()}")
+        blank = _blank_captions(engine, world, f"{plan.out}/captioner/blank", limit=64)
+    finally:
+        engine.close()
     sets = {"captioner": held_out, **world_caption_sets(world, "test"), "captioner (blank image)": blank}
     sets = {{"world:detailed": "teacher", "world:brief": "brief"}.get(k, k): v for k, v in sets.items()}
     report = run_report(sets, f"{plan.out}/captioner/report", dataset_uri=world, split="test", samples=8)

@@ -400,12 +400,17 @@ def build_from_checkpoint(
 ) -> tuple[LlavaForConditionalGeneration, Any]:
     """A complete HF LLaVA folder (config.json, safetensors, tokenizer/processor files)."""
     folder = materialize(uri, require_manifest=require_manifest)
+    check_weight_names(folder, uri)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            str(folder), use_safetensors=True, local_files_only=True, **({"dtype": dtype} if dtype is not None else {})
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True,
+            **({"dtype": dtype} if dtype is not None else {}),
         )
     except OSError as exc:
         raise CheckpointError(f"{uri}: cannot load safetensors weights: {exc}") from None
+    left = sorted(info.get("missing_keys") or []) + sorted(info.get("unexpected_keys") or [])
+    if left:  # never run a model with weights left random
+        raise CheckpointError(f"{uri}: weights did not load by name ({len(left)} missing or unexpected, e.g. {left[0]!r})")
     processor: Any
     try:
         processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
@@ -417,6 +422,31 @@ def build_from_checkpoint(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer_of(processor).pad_token_id
     return model.eval(), processor
+
+
+def check_weight_names(folder: Path, uri: str) -> None:
+    """Refuse a LLaVA checkpoint whose weight names are not exactly the ones its config needs.
+
+    Names in any layout the platform has written are mapped to llava-hf's first (convert on read).
+    """
+    from sharegpt4v.modeling.hf_layout import llava_hf_name, weight_names
+
+    saved = {llava_hf_name(n) for n in weight_names(folder)}
+    if not saved:
+        raise CheckpointError(f"{uri}: no model.safetensors (weights load from safetensors only)")
+    try:
+        config = LlavaConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{uri}: no usable LLaVA config.json ({str(exc).splitlines()[0]})") from None
+    with torch.device("meta"):
+        wanted = {llava_hf_name(n) for n in LlavaForConditionalGeneration(config).state_dict()}
+    missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+    if missing or unexpected:
+        example = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise CheckpointError(
+            f"{uri}: weight names do not fit the LLaVA config ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"e.g. {example})"
+        )
 
 
 def build_model(
@@ -438,12 +468,16 @@ def build_model(
 # save / load ---------------------------------------------------------------------------------
 
 
-def save_model(model: PreTrainedModel, processor_or_tokenizer: Any, uri: str, **meta: Any) -> dict[str, Any]:
+def save_model(
+    model: PreTrainedModel, processor_or_tokenizer: Any, uri: str, image_aspect: str | None = None, **meta: Any
+) -> dict[str, Any]:
     """Write an HF checkpoint (safetensors) to a local folder or s3 prefix; the manifest goes last.
 
-    An existing manifest is removed first, so a reader never takes a half-overwritten folder
-    for a complete one.
+    A LLaVA model is written in the llava-hf layout (`hf_layout`), its processor padding images
+    to square when `image_aspect` is "pad" (cropping when "crop"). An existing manifest is
+    removed first, so a reader never takes a half-overwritten folder for a complete one.
     """
+    from sharegpt4v.modeling.hf_layout import write_layout
     from sharegpt4v.storage import MANIFEST_NAME, FileEntry, open_store, sha256_stream
 
     store = open_store(uri)
@@ -452,6 +486,8 @@ def save_model(model: PreTrainedModel, processor_or_tokenizer: Any, uri: str, **
     with tempfile.TemporaryDirectory(prefix="sharegpt4v-save-") as tmp:
         model.save_pretrained(tmp)
         processor_or_tokenizer.save_pretrained(tmp)
+        if isinstance(model, LlavaForConditionalGeneration):
+            write_layout(Path(tmp), image_aspect)
         entries = []
         for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
             rel = path.relative_to(tmp).as_posix()

@@ -54,8 +54,8 @@ def _resize_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def to_tensor(image: bytes | Image.Image, size: int, aspect: Aspect = "pad") -> torch.Tensor:
-    """One image -> float32 `[3, size, size]`, CLIP-normalised."""
+def square_image(image: bytes | Image.Image, size: int, aspect: Aspect = "pad") -> Image.Image:
+    """Decode and make `size`x`size` RGB: pad to square with the mean colour, or resize and centre-crop."""
     img = load_image(image)
     if aspect == "pad":
         img = expand2square(img, tuple(int(m * 255) for m in CLIP_MEAN))  # type: ignore[arg-type]
@@ -65,6 +65,12 @@ def to_tensor(image: bytes | Image.Image, size: int, aspect: Aspect = "pad") -> 
         img = _resize_crop(img, size)
     else:
         raise ValueError(f"aspect: unknown {aspect!r} (pad or crop)")
+    return img
+
+
+def to_tensor(image: bytes | Image.Image, size: int, aspect: Aspect = "pad") -> torch.Tensor:
+    """One image -> float32 `[3, size, size]`, CLIP-normalised."""
+    img = square_image(image, size, aspect)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sharegpt4v.modeling.hf_layout import write_layout
 from sharegpt4v.training import checkpoint as ckpt
 from sharegpt4v.training.data import DataIndex, Position, StageInputs, build_index, held_out_images, iter_batches
 
@@ -771,6 +772,7 @@ class _Context:
                 with _no_progress_bars():
                     self.engine.model.save_pretrained(model_dir, state_dict=state_dict)
                     self.processor.save_pretrained(model_dir)
+                write_layout(model_dir, self.s.image_aspect)  # the llava-hf layout every engine loads
                 if state is not None:
                     state = {
                         **state,

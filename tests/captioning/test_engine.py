@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 
 from sharegpt4v.captioning.engine import (
     PROMPT_ID,
-    BackendUnavailable,
     LlavaCaptioner,
     caption_prompt,
     make_captioner,
@@ -96,10 +93,3 @@ def test_make_captioner_from_a_saved_checkpoint(tmp_path: Path) -> None:
     same = make_captioner(str(tmp_path / "captioner"), (rec.model, rec.captioning), name="mine")
     assert same.name == "mine"
     assert [r.caption for r in same.caption_batch(_requests(3))] == [r.caption for r in results]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
-def test_vllm_backend_names_the_missing_package(tmp_path: Path) -> None:
-    rec = load_recipe("tiny", ["captioning.backend=vllm"])
-    with pytest.raises(BackendUnavailable, match="'vllm' package"):
-        make_captioner(str(tmp_path / "nowhere"), rec)

@@ -199,7 +199,7 @@ def test_checkpoints_on_s3_resume_and_ignore_incomplete(world: str, s3_uri: str,
     assert manifest["kind"] == "sharegpt4v.train-checkpoint" and manifest["step"] == 4
     assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state/state.json",
             "trainer_state/optimizer-rank-00000.safetensors", "trainer_state/rng-rank-00000.safetensors"} <= files
-    assert all(f.endswith((".json", ".safetensors")) for f in files)  # no pickle anywhere
+    assert all(f.endswith((".json", ".safetensors", ".jinja")) for f in files)  # no pickle anywhere
     local = tmp_path / "opt.safetensors"
     store.get_file("checkpoint-4/trainer_state/optimizer-rank-00000.safetensors", local)
     with safe_open(str(local), framework="pt") as f:

@@ -1,0 +1,1 @@
+"""Inference engines that run outside the platform's environment (vLLM: `vllm_client`, `vllm_worker`)."""
