@@ -6,7 +6,7 @@ padded, records and parts written); the raw row is vLLM alone on images already 
 gets exactly `--tokens` new tokens on every engine (min = max), so the work is equal; engine start
 and a warm-up call are left out of every row. Needs the engine environment (scripts/setup_engine.sh).
 
-Run: .venv/bin/python bench/bench_vllm.py [--images 256] [--tokens 48] [--vllm-batch 256]
+Run: .venv/bin/python bench/bench_vllm.py [--images 1024] [--tokens 48] [--vllm-batch 256]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def job_rate(world: str, out: Path, captioner: object, batch: int, repeats: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16, help="transformers engine batch")
     parser.add_argument("--vllm-batch", type=int, default=256, help="images the job hands vLLM per call")
@@ -56,7 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     engine_python()  # fail early, in one line, without the engine environment
     load_before = os.getloadavg()[0]
-    recipe = load_recipe("tiny", [f"captioning.max_new_tokens={args.tokens}"])
+    # One split: a corpus to caption, in shards of 256 (the job hands vLLM at most one shard per call).
+    recipe = load_recipe("tiny", [f"captioning.max_new_tokens={args.tokens}", "world.splits.train=1",
+                                  "world.splits.val=0", "world.splits.test=0"])
     n, new = args.images, args.tokens
 
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
@@ -97,7 +99,7 @@ def main() -> None:
         )
         if raw.returncode != 0:
             raise SystemExit(f"raw vLLM failed: {raw.stderr.strip().splitlines()[-1]}")
-        result = json.loads(raw.stdout.strip().splitlines()[-1])
+        result = json.loads(next(line for line in raw.stdout.splitlines() if line.startswith("RESULT "))[7:])
         rows.append({"name": "raw vllm.LLM.generate, all images", "images/s": n / result["seconds"],
                      "tokens/s": result["tokens"] / result["seconds"], "seconds": result["seconds"]})
 

@@ -40,7 +40,7 @@ def main() -> None:
         outputs = llm.generate(inputs, params, use_tqdm=False)
         best = min(best, time.perf_counter() - began)
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(json.dumps({"seconds": best, "tokens": tokens, "images": len(images)}))
+    print("RESULT " + json.dumps({"seconds": best, "tokens": tokens, "images": len(images)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import tempfile
@@ -184,14 +185,7 @@ class VllmEngine:
 
 
 def _read_with_timeout(process: subprocess.Popen, timeout: float | None) -> dict[str, Any] | None:
-    """The next reply, or None when the worker dies or `timeout` passes first."""
-    result: list[dict[str, Any] | None] = [None]
-
-    def read() -> None:
-        assert process.stdout is not None
-        result[0] = vllm_worker.read_frame(process.stdout)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return result[0] if not reader.is_alive() else None
+    """The next reply, or None when the worker dies or `timeout` passes before it starts answering."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    return vllm_worker.read_frame(process.stdout) if ready else None
