@@ -396,8 +396,8 @@ def cmd_deploy_render(args: argparse.Namespace) -> int:
         return 0
     uris = dict(_key_value(item, "--storage-uri") for item in args.storage_uri)
     objects = deploy.render_deployment(args.profile, models=tuple(args.model or deploy.SERVED_MODELS),
-                                       storage_uris=uris, namespace=args.namespace,
-                                       **({"image": args.image} if args.image else {}))
+                                       storage_uris=uris, namespace=args.namespace, image=args.image,
+                                       engine=args.engine)
     print(deploy.to_yaml(objects), end="")
     return 0
 
@@ -472,6 +472,29 @@ def cmd_serve_local(args: argparse.Namespace) -> int:
             print("stopping Triton", flush=True)
             return 0
     raise CommandError(f"tritonserver exited with {triton.process.returncode}; see {triton.log}")
+
+
+def cmd_serve_vllm(args: argparse.Namespace) -> int:
+    from sharegpt4v import tracking
+    from sharegpt4v.serving.vllm_server import start_vllm_server
+
+    checkpoint, _ = tracking.resolve_model(args.model)
+    _stop_on_signals()
+    try:
+        server = start_vllm_server(checkpoint, args.name, port=args.port, workdir=args.workdir, timeout=args.timeout)
+    except KeyboardInterrupt:
+        print("sharegpt4v: stopped before the server was ready", file=sys.stderr)
+        return 130
+    with server:
+        print(f"vLLM ready: OpenAI API {server.openai_base_url} (model {args.name!r}); log: {server.log}; "
+              "Ctrl-C stops it", flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopping vLLM", flush=True)
+            return 0
+    raise CommandError(f"the vLLM server exited with {server.process.returncode}; see {server.log}")
 
 
 def _client_call(args: argparse.Namespace) -> dict[str, Any]:
@@ -771,7 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-uri", action="append", default=[], metavar="MODEL=S3_URI",
                    help="model repository of a model (default: s3://sharegpt4v/serving/<model>)")
     p.add_argument("--namespace", default="sharegpt4v")
-    p.add_argument("--image", default=None, help="serving image of the ServingRuntime (default: sharegpt4v/serving:<version>)")
+    p.add_argument("--image", default=None, help="image of the ServingRuntime (default: sharegpt4v/serving:<version>; "
+                                                  "with --engine vllm sharegpt4v/train:<version>)")
+    p.add_argument("--engine", default="transformers", choices=("transformers", "vllm"),
+                   help="transformers: Triton on a model repository; vllm: vLLM's OpenAI server on a checkpoint "
+                        "(--storage-uri then names llava-hf checkpoints)")
     p.add_argument("--write", action="store_true", help="regenerate the generated files under --manifests instead")
     p.add_argument("--check", action="store_true", help="exit 1 if the generated files under --manifests are out of date")
     p.add_argument("--manifests", default="manifests", help="the repository's manifests/ folder")
@@ -804,6 +831,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--workdir", default=None, help="folder for the download and the server log (default: a temp folder)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+
+    p = add(serve, "vllm", cmd_serve_vllm,
+            "serve a checkpoint with vLLM's OpenAI server (engine environment) on loopback until Ctrl-C")
+    p.add_argument("--model", required=True, help="checkpoint: folder, s3:// prefix or models:/<name>@<alias>")
+    p.add_argument("--name", default="chat", help="the model name clients ask for")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workdir", default=None, help="folder for the server log (default: a temp folder)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the model to load")
 
     client = sub.add_parser("client", help="call a served model over the V2 protocol (local Triton or KServe)")
     client_sub = client.add_subparsers(dest="action", required=True)

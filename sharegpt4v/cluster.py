@@ -7,7 +7,7 @@ dicts; it never talks to a Kubernetes API server.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from sharegpt4v.config import RecipeConfig
 
@@ -244,23 +244,68 @@ def build_serving_runtime(name: str = TRITON_RUNTIME, *, image: str = SERVING_IM
     }
 
 
+VLLM_RUNTIME = "sharegpt4v-vllm"
+VLLM_MODEL_FORMAT = "llava-hf"
+
+
+def build_vllm_serving_runtime(name: str = VLLM_RUNTIME, *, image: str = TRAIN_IMAGE, dtype: str = "bfloat16",
+                               max_model_len: int = 4096, namespace: str | None = NAMESPACE, cpu: str = "8",
+                               memory: str = "64Gi") -> dict[str, Any]:
+    """A namespaced ServingRuntime for `serving.engine=vllm`: vLLM's OpenAI server (continuous batching,
+    streaming) on a llava-hf checkpoint at /mnt/models, from the train image's engine environment.
+
+    Triton's Python backend cannot host vLLM here (serving/vllm_server.py says why, measured); the
+    command line is `vllm_server.server_args`, the one the local server runs. `dtype` must be the
+    checkpoint's own: vLLM's `auto` would cast an fp32 checkpoint.
+    """
+    from sharegpt4v.serving.vllm_server import server_args
+
+    args = server_args("/mnt/models", "{{.Name}}", TRITON_HTTP_PORT, dtype, max_model_len)
+    return {
+        "apiVersion": KSERVE_RUNTIME_API,
+        "kind": "ServingRuntime",
+        "metadata": {"name": name, **({"namespace": namespace} if namespace else {}), "labels": dict(PART_OF)},
+        "spec": {
+            "annotations": {"prometheus.kserve.io/port": str(TRITON_HTTP_PORT), "prometheus.kserve.io/path": "/metrics"},
+            "supportedModelFormats": [{"name": VLLM_MODEL_FORMAT, "version": "1", "autoSelect": True, "priority": 1}],
+            "protocolVersions": ["v1"],
+            "multiModel": False,
+            "containers": [{
+                "name": "kserve-container",
+                "image": image,
+                "command": ["/opt/engine/bin/python"],
+                "args": args,
+                "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"}],
+                "ports": [{"containerPort": TRITON_HTTP_PORT, "name": "http1", "protocol": "TCP"}],
+                "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
+                "securityContext": {
+                    "runAsNonRoot": True, "runAsUser": SERVING_UID, "runAsGroup": SERVING_UID,
+                    "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                },
+            }],
+        },
+    }
+
+
 def build_inference_service(
     name: str,
     storage_uri: str,
     *,
+    engine: Literal["transformers", "vllm"] = "transformers",
     namespace: str | None = NAMESPACE,
     service_account: str = KSERVE_SERVICE_ACCOUNT,
     gpus: int = 1,
     min_replicas: int = 1,
     max_replicas: int = 1,
-    runtime: str = TRITON_RUNTIME,
+    runtime: str | None = None,
     cpu: str = "8",
     memory: str = "64Gi",
     shm_size: str = "16Gi",
     gpu_product: str | None = A100_PRODUCT,
     labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A KServe InferenceService serving the Triton repository at `storage_uri` (an `s3://` prefix).
+    """A KServe InferenceService serving the Triton repository at `storage_uri` (an `s3://` prefix), or,
+    with `engine="vllm"`, the llava-hf checkpoint at `storage_uri` on the vLLM runtime (OpenAI protocol).
 
     KServe's storage initializer downloads the repository to /mnt/models with the credentials of
     `service_account`'s Secret; the `runtime` ServingRuntime starts Triton on it (protocol v2). With
@@ -277,7 +322,10 @@ def build_inference_service(
     limits: dict[str, str] = {"memory": memory}
     if gpus:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
-    probe_get = {"path": "/v2/health/ready", "port": TRITON_HTTP_PORT}
+    vllm = engine == "vllm"
+    runtime = runtime or (VLLM_RUNTIME if vllm else TRITON_RUNTIME)
+    probe_get = {"path": "/health" if vllm else "/v2/health/ready", "port": TRITON_HTTP_PORT}
+    live_get = {"path": "/health" if vllm else "/v2/health/live", "port": TRITON_HTTP_PORT}
     predictor: dict[str, Any] = {
         "serviceAccountName": service_account,
         "minReplicas": min_replicas,
@@ -285,20 +333,19 @@ def build_inference_service(
         "securityContext": {"runAsNonRoot": True, "runAsUser": SERVING_UID, "runAsGroup": SERVING_UID,
                             "fsGroup": SERVING_UID},
         "model": {
-            "modelFormat": {"name": "triton"},
-            "protocolVersion": "v2",
+            "modelFormat": {"name": VLLM_MODEL_FORMAT if vllm else "triton"},
+            "protocolVersion": "v1" if vllm else "v2",
             "runtime": runtime,
             "storageUri": storage_uri,
             "resources": {"requests": requests, "limits": limits},
             # Loading a 7B checkpoint takes minutes: the startup probe allows 30 min, then readiness takes over.
             "startupProbe": {"httpGet": dict(probe_get), "periodSeconds": 10, "failureThreshold": 180},
             "readinessProbe": {"httpGet": dict(probe_get), "periodSeconds": 10, "failureThreshold": 3},
-            "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": TRITON_HTTP_PORT},
-                              "periodSeconds": 30, "failureThreshold": 5},
+            "livenessProbe": {"httpGet": live_get, "periodSeconds": 30, "failureThreshold": 5},
             "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
             "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         },
-        # Triton's Python backend passes tensors through shared memory: the default 64 MB is too little.
+        # Triton's Python backend and vLLM's workers pass tensors through shared memory: 64 MB is too little.
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}],
     }
     if gpus and gpu_product:

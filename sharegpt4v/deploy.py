@@ -26,9 +26,11 @@ from sharegpt4v.cluster import (
     NAMESPACE,
     SERVED_MODELS,
     SERVING_IMAGE,
+    TRAIN_IMAGE,
     build_inference_service,
     build_kserve_service_account,
     build_serving_runtime,
+    build_vllm_serving_runtime,
     inference_service_name,
     model_storage_uri,
 )
@@ -69,9 +71,9 @@ PROFILES: dict[str, dict[str, Predictor]] = {
 
 
 def render_inference_service(model: str, profile: str = "prod", *, storage_uri: str | None = None,
-                             namespace: str | None = NAMESPACE) -> dict[str, Any]:
+                             namespace: str | None = NAMESPACE, engine: str = "transformers") -> dict[str, Any]:
     """The InferenceService of `model` (captioner or chat) in `profile`, serving `storage_uri`
-    (default: where the exporter puts that model's repository)."""
+    (default: where the exporter puts that model's repository; with `engine="vllm"`, a checkpoint)."""
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r}: choose one of {', '.join(PROFILES)}")
     if model not in PROFILES[profile]:
@@ -80,19 +82,21 @@ def render_inference_service(model: str, profile: str = "prod", *, storage_uri: 
     return build_inference_service(
         inference_service_name(model), storage_uri or model_storage_uri(model), namespace=namespace, gpus=p.gpus,
         min_replicas=p.min_replicas, max_replicas=p.max_replicas, cpu=p.cpu, memory=p.memory, shm_size=p.shm_size,
-        labels={"sharegpt4v/model": model},
+        labels={"sharegpt4v/model": model}, engine=engine,  # type: ignore[arg-type]
     )
 
 
 def render_deployment(profile: str = "prod", *, models: tuple[str, ...] = SERVED_MODELS,
                       storage_uris: dict[str, str] | None = None, namespace: str | None = NAMESPACE,
-                      image: str = SERVING_IMAGE, include_shared: bool = True) -> list[dict[str, Any]]:
-    """Every serving object of a profile: the Triton ServingRuntime and the S3 ServiceAccount
-    (`include_shared`), then one InferenceService per model."""
-    objects = [build_serving_runtime(image=image, namespace=namespace),
-               build_kserve_service_account(namespace=namespace)] if include_shared else []
-    return objects + [render_inference_service(m, profile, storage_uri=(storage_uris or {}).get(m), namespace=namespace)
-                      for m in models]
+                      image: str | None = None, include_shared: bool = True,
+                      engine: str = "transformers") -> list[dict[str, Any]]:
+    """Every serving object of a profile: the ServingRuntime (Triton, or vLLM's OpenAI server with
+    `engine="vllm"`) and the S3 ServiceAccount (`include_shared`), then one InferenceService per model."""
+    runtime = (build_vllm_serving_runtime(image=image or TRAIN_IMAGE, namespace=namespace) if engine == "vllm"
+               else build_serving_runtime(image=image or SERVING_IMAGE, namespace=namespace))
+    objects = [runtime, build_kserve_service_account(namespace=namespace)] if include_shared else []
+    return objects + [render_inference_service(m, profile, storage_uri=(storage_uris or {}).get(m), namespace=namespace,
+                                               engine=engine) for m in models]
 
 
 class _Dumper(yaml.SafeDumper):
@@ -112,6 +116,7 @@ def manifest_files(manifests: Path) -> dict[Path, str]:
     """The YAML files under manifests/ that are generated from the builders, with their content."""
     files = {
         manifests / "base" / "kserve" / "servingruntime.yaml": to_yaml([build_serving_runtime(namespace=None)]),
+        manifests / "base" / "kserve" / "servingruntime-vllm.yaml": to_yaml([build_vllm_serving_runtime(namespace=None)]),
         manifests / "base" / "kserve" / "serviceaccount.yaml": to_yaml([build_kserve_service_account(namespace=None)]),
     }
     for profile in PROFILES:

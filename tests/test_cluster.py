@@ -14,6 +14,7 @@ from sharegpt4v.cluster import (
     build_kserve_service_account,
     build_serving_runtime,
     build_trainjob,
+    build_vllm_serving_runtime,
     kserve_s3_annotations,
 )
 from sharegpt4v.config import load_recipe
@@ -138,3 +139,22 @@ def test_kserve_s3_annotations() -> None:
         "serving.kserve.io/s3-usevirtualbucket"] == "1"
     with pytest.raises(ValueError, match="without a scheme"):
         kserve_s3_annotations("http://minio:9000")
+
+
+def test_vllm_engine_serves_a_checkpoint_with_the_local_servers_command_line() -> None:
+    from sharegpt4v.serving.vllm_server import server_args
+
+    runtime = build_vllm_serving_runtime(dtype="bfloat16", max_model_len=4096)
+    validate(runtime)
+    container = runtime["spec"]["containers"][0]
+    assert container["image"] == cluster.TRAIN_IMAGE and container["command"] == ["/opt/engine/bin/python"]
+    assert container["args"] == server_args("/mnt/models", "{{.Name}}", cluster.TRITON_HTTP_PORT, "bfloat16", 4096)
+    assert "--dtype" in container["args"] and "auto" not in container["args"]  # never vLLM's guess
+    assert container["securityContext"]["runAsNonRoot"] is True
+    isvc = build_inference_service("sharegpt4v-chat", "s3://sharegpt4v/checkpoints/chat", engine="vllm")
+    validate(isvc)
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == cluster.VLLM_RUNTIME and model["modelFormat"] == {"name": cluster.VLLM_MODEL_FORMAT}
+    assert model["readinessProbe"]["httpGet"] == {"path": "/health", "port": cluster.TRITON_HTTP_PORT}
+    assert model["storageUri"] == "s3://sharegpt4v/checkpoints/chat"
+    assert runtime["spec"]["supportedModelFormats"][0]["name"] == model["modelFormat"]["name"]
