@@ -15,7 +15,7 @@ demo: setup
 test: setup engine-setup
 	.venv/bin/python -m pytest -q
 
-bench: setup
+bench: setup engine-setup
 	.venv/bin/python bench/run_all.py
 
 clean:
