@@ -17,18 +17,13 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import openai  # noqa: E402
 
-from bench.common import print_table, tiny_captioner  # noqa: E402
+from bench.common import print_table, run_load, tiny_captioner  # noqa: E402
 from sharegpt4v.captioning.records import CAPTION_INSTRUCTION  # noqa: E402
 from sharegpt4v.config import load_recipe  # noqa: E402
 from sharegpt4v.modeling.builder import count_parameters, save_model  # noqa: E402
@@ -36,40 +31,6 @@ from sharegpt4v.serving import client  # noqa: E402
 from sharegpt4v.serving.export import export_model_repository  # noqa: E402
 from sharegpt4v.serving.triton import start_triton  # noqa: E402
 from sharegpt4v.serving.vllm_server import openai_image_message, start_vllm_server  # noqa: E402
-
-
-def run_load(call: Callable[[object, bytes], int], connect: Callable[[], object], images: list[bytes],
-             clients: int) -> dict[str, float]:
-    """`len(images)` requests from `clients` threads at once; `call` returns the generated tokens."""
-    latencies: list[float] = []
-    tokens = 0
-    lock = threading.Lock()
-    start = threading.Barrier(clients)
-    work = iter(range(len(images)))
-
-    def worker() -> None:
-        nonlocal tokens
-        connection = connect()
-        start.wait()
-        while True:
-            with lock:
-                i = next(work, None)
-            if i is None:
-                return
-            began = time.perf_counter()
-            generated = call(connection, images[i])
-            with lock:
-                latencies.append(time.perf_counter() - began)
-                tokens += generated
-
-    began = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(worker) for _ in range(clients)]:
-            future.result()
-    seconds = time.perf_counter() - began
-    assert len(latencies) == len(images)
-    return {"req/s": len(images) / seconds, "tokens/s": tokens / seconds,
-            "p50 ms": float(np.percentile(latencies, 50) * 1000), "p99 ms": float(np.percentile(latencies, 99) * 1000)}
 
 
 def main() -> None:

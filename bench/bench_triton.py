@@ -15,62 +15,16 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-
-from bench.common import print_table, tiny_captioner  # noqa: E402
+from bench.common import print_table, run_load, tiny_captioner  # noqa: E402
 from sharegpt4v.config import load_recipe  # noqa: E402
 from sharegpt4v.modeling.builder import count_parameters, save_model  # noqa: E402
 from sharegpt4v.serving import client  # noqa: E402
 from sharegpt4v.serving.export import export_model_repository  # noqa: E402
 from sharegpt4v.serving.triton import start_triton  # noqa: E402
-
-
-def run_load(url: str, protocol: str, images: list[bytes], clients: int, tokens: int) -> dict[str, float]:
-    """`len(images)` requests from `clients` threads at once; latency per request, throughput overall."""
-    latencies: list[float] = []
-    completion = 0
-    lock = threading.Lock()
-    start = threading.Barrier(clients)
-    work = iter(range(len(images)))
-
-    def worker() -> None:
-        nonlocal completion
-        connection = client.connect(url, protocol)
-        start.wait()
-        while True:
-            with lock:
-                i = next(work, None)
-            if i is None:
-                break
-            began = time.perf_counter()
-            result = client.caption(url, images[i], protocol=protocol, max_tokens=tokens, client=connection)
-            elapsed = time.perf_counter() - began
-            assert result["text"], result
-            with lock:
-                latencies.append(elapsed)
-                completion += result["completion_tokens"]
-        connection.close()
-
-    began = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(worker) for _ in range(clients)]:
-            future.result()
-    seconds = time.perf_counter() - began
-    assert len(latencies) == len(images)
-    return {
-        "req/s": len(images) / seconds,
-        "tokens/s": completion / seconds,
-        "p50 ms": float(np.percentile(latencies, 50) * 1000),
-        "p99 ms": float(np.percentile(latencies, 99) * 1000),
-        "seconds": seconds,
-    }
 
 
 def main() -> None:
@@ -102,8 +56,17 @@ def main() -> None:
             export_model_repository({"captioner": f"{tmp}/checkpoint"}, repo, recipe, kind="KIND_CPU")
             with start_triton(repo, f"{tmp}/work-{i}") as triton:
                 url = triton.grpc_url if args.protocol == "grpc" else triton.http_url
-                run_load(url, args.protocol, images[: args.clients], args.clients, 4)  # warm-up
-                rows.append({"name": name, **run_load(url, args.protocol, images, args.clients, args.tokens)})
+
+                def call(connection: object, image: bytes, tokens: int = args.tokens, url: str = url) -> int:
+                    result = client.caption(url, image, protocol=args.protocol, max_tokens=tokens, client=connection)
+                    assert result["text"], result
+                    return int(result["completion_tokens"])
+
+                def connect(url: str = url) -> object:
+                    return client.connect(url, args.protocol)
+
+                run_load(lambda c, image: call(c, image, 4), connect, images[: args.clients], args.clients)  # warm-up
+                rows.append({"name": name, **run_load(call, connect, images, args.clients)})
     print(f"triton: {args.requests} caption requests from {args.clients} concurrent {args.protocol} clients, up to {args.tokens} new "
           f"tokens each, tiny LLaVA ({count_parameters(model) / 1e6:.2f}M params), one KIND_CPU instance; "
           f"cores {os.cpu_count()}, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
@@ -44,3 +46,45 @@ def tiny_captioner(model_config: Any, n_images: int) -> tuple[Any, Any, list[Any
     texts += [f"{SYSTEM_PROMPT} USER: {CAPTION_INSTRUCTION} ASSISTANT:"] * 20
     model, processor = build_tiny(model_config, train_tokenizer(texts, model_config.language.vocab_size), seed=0)
     return model, processor, [s.image for s in samples[:n_images]]
+
+
+def run_load(call: Callable[[Any, bytes], int], connect: Callable[[], Any], images: list[bytes],
+             clients: int) -> dict[str, float]:
+    """`len(images)` requests from `clients` threads at once; `call` returns the generated tokens."""
+    latencies: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+    work = iter(range(len(images)))
+
+    def worker() -> None:
+        nonlocal tokens
+        connection = connect()
+        start.wait()
+        while True:
+            with lock:
+                i = next(work, None)
+            if i is None:
+                if hasattr(connection, "close"):
+                    connection.close()
+                return
+            began = time.perf_counter()
+            generated = call(connection, images[i])
+            with lock:
+                latencies.append(time.perf_counter() - began)
+                tokens += generated
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(worker) for _ in range(clients)]:
+            future.result()
+    seconds = time.perf_counter() - began
+    assert len(latencies) == len(images)
+    return {"req/s": len(images) / seconds, "tokens/s": tokens / seconds,
+            "p50 ms": _percentile(latencies, 50) * 1000, "p99 ms": _percentile(latencies, 99) * 1000}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(values, q))

@@ -448,30 +448,39 @@ def cmd_serve_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_until_interrupted(start: Any, name: str, banner: Any) -> int:
+    """Start a server (`start()` returns it once ready), print `banner(server)`, run until Ctrl-C."""
+    _stop_on_signals()
+    try:
+        server = start()
+    except KeyboardInterrupt:
+        print("sharegpt4v: stopped before the server was ready", file=sys.stderr)
+        return 130
+    with server:
+        print(f"{banner(server)}; log: {server.log}; Ctrl-C stops it", flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print(f"stopping {name}", flush=True)
+            return 0
+    raise CommandError(f"{name} exited with {server.process.returncode}; see {server.log}")
+
+
 def cmd_serve_local(args: argparse.Namespace) -> int:
     import tempfile
 
     from sharegpt4v.serving.triton import start_triton
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sharegpt4v-triton-"))
-    _stop_on_signals()
-    try:
-        triton = start_triton(args.model_repo, workdir, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port, timeout=args.timeout)
-    except KeyboardInterrupt:
-        print("sharegpt4v: stopped before the server was ready", file=sys.stderr)
-        return 130
-    with triton:
+
+    def banner(triton: Any) -> str:
         models = sorted(d.name for d in triton.repository.iterdir() if (d / "config.pbtxt").is_file())
-        print(f"Triton ready: HTTP {triton.http_url}  gRPC {triton.grpc_url}  models: {', '.join(models)}", flush=True)
-        print(f"log: {triton.log}; Ctrl-C stops it", flush=True)
-        try:
-            while triton.process.poll() is None:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            print("stopping Triton", flush=True)
-            return 0
-    raise CommandError(f"tritonserver exited with {triton.process.returncode}; see {triton.log}")
+        return f"Triton ready: HTTP {triton.http_url}  gRPC {triton.grpc_url}  models: {', '.join(models)}"
+
+    return _serve_until_interrupted(
+        lambda: start_triton(args.model_repo, workdir, http_port=args.http_port, grpc_port=args.grpc_port,
+                             metrics_port=args.metrics_port, timeout=args.timeout), "tritonserver", banner)
 
 
 def cmd_serve_vllm(args: argparse.Namespace) -> int:
@@ -479,22 +488,9 @@ def cmd_serve_vllm(args: argparse.Namespace) -> int:
     from sharegpt4v.serving.vllm_server import start_vllm_server
 
     checkpoint, _ = tracking.resolve_model(args.model)
-    _stop_on_signals()
-    try:
-        server = start_vllm_server(checkpoint, args.name, port=args.port, workdir=args.workdir, timeout=args.timeout)
-    except KeyboardInterrupt:
-        print("sharegpt4v: stopped before the server was ready", file=sys.stderr)
-        return 130
-    with server:
-        print(f"vLLM ready: OpenAI API {server.openai_base_url} (model {args.name!r}); log: {server.log}; "
-              "Ctrl-C stops it", flush=True)
-        try:
-            while server.process.poll() is None:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            print("stopping vLLM", flush=True)
-            return 0
-    raise CommandError(f"the vLLM server exited with {server.process.returncode}; see {server.log}")
+    return _serve_until_interrupted(
+        lambda: start_vllm_server(checkpoint, args.name, port=args.port, workdir=args.workdir, timeout=args.timeout),
+        "the vLLM server", lambda server: f"vLLM ready: OpenAI API {server.openai_base_url} (model {args.name!r})")
 
 
 def _client_call(args: argparse.Namespace) -> dict[str, Any]:
