@@ -42,6 +42,14 @@ class EngineError(PlatformError):
     """The running engine failed a request or died."""
 
 
+def root_cause(log: str) -> str:
+    """The root cause in a vLLM log: the last exception line that is not vLLM's generic "see root
+    cause above", without its log prefix; else the last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    causes = [line for line in lines if _EXCEPTION_LINE.search(line) and "See root cause above" not in line]
+    return _LOG_PREFIX.sub("", (causes or lines or ["(no output)"])[-1])[:1000]
+
+
 def engine_python() -> Path:
     """The Python of the engine environment, or a one-line error saying how to make it."""
     named = os.environ.get(ENGINE_PYTHON_ENV)
@@ -111,12 +119,7 @@ class VllmEngine:
         self.version, self.device = reply["vllm"], reply["device"]
 
     def log_tail(self) -> str:
-        """The root cause in the worker's log: the last exception line that is not vLLM's generic
-        "see root cause above", without its log prefix; else the last line."""
-        lines = [line.strip() for line in Path(self._log.name).read_text(errors="replace").splitlines() if line.strip()]
-        causes = [line for line in lines if _EXCEPTION_LINE.search(line) and "See root cause above" not in line]
-        line = (causes or lines or ["(no output)"])[-1]
-        return _LOG_PREFIX.sub("", line)[:1000]
+        return root_cause(Path(self._log.name).read_text(errors="replace"))
 
     def _call(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         with self._lock:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sharegpt4v.engines.vllm_client import checkpoint_dtype, engine_python, max_model_len
+from sharegpt4v.engines.vllm_client import checkpoint_dtype, engine_python, max_model_len, root_cause
 from sharegpt4v.errors import PlatformError
 from sharegpt4v.services import free_port, stop_process_group
 
@@ -125,12 +125,12 @@ def start_vllm_server(checkpoint_uri: str, served_name: str = "chat", port: int 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise VllmServerError(f"the vLLM server exited ({process.returncode}): {_root_cause(server.log_tail(20000))}")
+            raise VllmServerError(f"the vLLM server exited ({process.returncode}): {root_cause(server.log_tail(20000))}")
         if _healthy(server.url):
             return server
         time.sleep(0.5)
     server.stop()
-    raise VllmServerError(f"the vLLM server was not ready within {timeout:.0f} s: {_root_cause(server.log_tail(20000))}")
+    raise VllmServerError(f"the vLLM server was not ready within {timeout:.0f} s: {root_cause(server.log_tail(20000))}")
 
 
 def _has_gpu(python: Path) -> bool:
@@ -145,14 +145,6 @@ def _clean_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the platform's packages must not shadow the engine's
     return env
-
-
-def _root_cause(log: str) -> str:
-    from sharegpt4v.engines.vllm_client import _EXCEPTION_LINE, _LOG_PREFIX
-
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    causes = [line for line in lines if _EXCEPTION_LINE.search(line) and "See root cause above" not in line]
-    return _LOG_PREFIX.sub("", (causes or lines or ["(no output)"])[-1])[:1000]
 
 
 def openai_image_message(text: str, image_png: bytes) -> dict[str, Any]:
