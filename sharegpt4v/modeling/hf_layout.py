@@ -11,6 +11,7 @@ ever wrote to the llava-hf one, so older checkpoints still load (convert on read
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -171,14 +172,20 @@ def write_layout(folder: Path, image_aspect: str | None = None) -> None:
 
 
 def llava_hf_folder(folder: Path) -> Path:
-    """`folder` when it is already in the llava-hf layout; otherwise a converted copy beside it
-    (made once), for engines that read only that layout (vLLM)."""
+    """`folder` when it is already in the llava-hf layout; otherwise a converted copy in the model
+    cache (made once per folder and content), for engines that read only that layout (vLLM)."""
+    from sharegpt4v.modeling.builder import cache_root
+
     if in_layout(folder):
         return folder
-    converted = folder.with_name(folder.name + ".llava-hf")
+    folder = folder.resolve()
+    manifest = folder / "manifest.json"
+    key = hashlib.sha256(str(folder).encode() + (manifest.read_bytes() if manifest.exists() else b"")).hexdigest()[:16]
+    converted = cache_root() / "llava-hf" / f"{folder.name}-{key}"
     if converted.exists() and in_layout(converted):
         return converted
-    staging = folder.with_name(f"{folder.name}.llava-hf.tmp-{os.getpid()}")
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    staging = converted.with_name(f"{converted.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(folder, staging)
     write_layout(staging)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from sharegpt4v.modeling.builder import CheckpointError, load_model, save_model
-from sharegpt4v.modeling.hf_layout import in_layout, weight_names
+from sharegpt4v.modeling.hf_layout import in_layout, llava_hf_folder, weight_names
 from sharegpt4v.modeling.images import preprocess
 from sharegpt4v.modeling.templates import chat_generation_prompt, encode_conversation
 from tests.modeling.fixtures import IMAGE_SIZE, IMAGE_TOKENS, tiny_model, world
@@ -149,6 +149,10 @@ def test_checkpoints_written_in_the_older_layout_still_load(
     _refresh_manifest(old)
     loaded, loaded_processor = load_model(str(old))
     assert torch.equal(_logits(model, processor), _logits(loaded, loaded_processor))
+    assert not in_layout(old)
+    converted = llava_hf_folder(old)  # what vLLM is given: a copy in the cache, the original untouched
+    assert in_layout(converted) and converted.is_relative_to(tmp_path / "cache") and not in_layout(old)
+    assert llava_hf_folder(old) == converted  # made once
 
 
 @pytest.mark.parametrize(
