@@ -1,7 +1,8 @@
 """The local captioner (Share-Captioner): a LLaVA model behind the `Captioner` interface.
 
 Backends: `transformers` (the batched `InferenceEngine`, the portable fallback) or `vllm`
-(`engines.vllm_client`, in the engine environment made by scripts/setup_engine.sh). Both use the fixed `CAPTION_INSTRUCTION` in the `vicuna_v1` generation prompt.
+(`engines.vllm_client`, in the engine environment made by scripts/setup_engine.sh). Both use
+the fixed `CAPTION_INSTRUCTION` in the `vicuna_v1` generation prompt.
 A caption that hit `max_new_tokens` is still `ok` but carries `reason="truncated"` and a
 `detail` line; an undecodable image is an error result with reason `bad_image`.
 """
