@@ -371,6 +371,9 @@ class ServingConfig:
     max_prompt_chars: int = 4000  # prompt or all chat messages together
     max_image_bytes: int = 20_000_000
     streaming: bool = True  # also export `chat_stream`, a decoupled model that streams tokens (gRPC stream)
+    # transformers: Triton + the batched engine on an exported repository; vllm: vLLM's OpenAI server on the
+    # checkpoint itself (`serve vllm`, `deploy render --engine vllm`; serving/vllm_server.py says why not Triton)
+    engine: Literal["transformers", "vllm"] = "transformers"
 
     @model_validator(mode="after")
     def _check(self) -> "ServingConfig":

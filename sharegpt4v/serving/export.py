@@ -74,6 +74,9 @@ def export_model_repository(
     from sharegpt4v.storage import MANIFEST_NAME, FileEntry, manifest_digest, open_store, sha256_stream
     from sharegpt4v.tracking import _client, resolve_model
 
+    if recipe.serving.engine == "vllm":
+        raise RepositoryError("serving.engine=vllm serves the checkpoint itself, with no Triton repository: "
+                              "run `sharegpt4v serve vllm --model REF` or `sharegpt4v deploy render --engine vllm`")
     if not models:
         raise RepositoryError("export: name at least one model (captioner=... and/or chat=...)")
     unknown = [name for name in models if name not in EXPORTABLE]

@@ -139,3 +139,10 @@ def test_export_writes_the_manifest_last_and_replaces_an_earlier_export(
     assert sorted(p.name for p in Path(out).iterdir()) == ["captioner", "manifest.json"]
     with pytest.raises(PlatformError, match="no manifest.json; the checkpoint is incomplete"):
         export_model_repository({"chat": str(tmp_path / "nothing")}, str(tmp_path / "repo2"), recipe)
+
+
+def test_export_refuses_the_vllm_engine_and_says_what_serves_it(tmp_path: Path) -> None:
+    with pytest.raises(RepositoryError, match="serve vllm") as err:
+        export_model_repository({"chat": str(tmp_path / "checkpoint")}, str(tmp_path / "repo"),
+                                load_recipe("tiny", ["serving.engine=vllm"]))
+    assert "\n" not in str(err.value) and not (tmp_path / "repo").exists()
