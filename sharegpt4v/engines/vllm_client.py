@@ -63,6 +63,14 @@ def engine_python() -> Path:
     return python
 
 
+def engine_env() -> dict[str, str]:
+    """The environment of a process in the engine environment: no usage reports, no PYTHONPATH
+    (the platform's packages must not shadow the engine's)."""
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def checkpoint_dtype(folder: Path) -> str:
     """The dtype a checkpoint was saved in (config.json), e.g. "float32"; vLLM must not guess it."""
     config = json.loads((folder / "config.json").read_text())
@@ -100,9 +108,7 @@ class VllmEngine:
         self.dtype = dtype or checkpoint_dtype(folder)
         python = engine_python()
         self._log = tempfile.NamedTemporaryFile(prefix="sharegpt4v-vllm-", suffix=".log", delete=False)  # noqa: SIM115
-        env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
-        env.pop("PYTHONPATH", None)  # the platform's packages must not shadow the engine's
+        env = {**engine_env(), "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         self._process = subprocess.Popen(
             [str(python), vllm_worker.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
             env=env, cwd=tempfile.gettempdir(), start_new_session=True,  # its own group: see vllm_worker

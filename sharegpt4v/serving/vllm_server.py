@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sharegpt4v.engines.vllm_client import checkpoint_dtype, engine_python, max_model_len, root_cause
+from sharegpt4v.engines.vllm_client import checkpoint_dtype, engine_env, engine_python, max_model_len, root_cause
 from sharegpt4v.errors import PlatformError
 from sharegpt4v.services import free_port, stop_process_group
 
@@ -117,7 +117,7 @@ def start_vllm_server(checkpoint_uri: str, served_name: str = "chat", port: int 
     cpu = not _has_gpu(python)
     args = server_args(str(folder), served_name, port, checkpoint_dtype(folder), max_model_len(folder),
                        host=LOOPBACK, cpu=cpu)
-    env = {**_clean_env(), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = engine_env()
     with open(log, "wb") as sink:
         process = subprocess.Popen([str(python), *args], stdout=sink, stderr=subprocess.STDOUT, env=env,
                                    cwd=workdir, start_new_session=True)
@@ -137,14 +137,6 @@ def _has_gpu(python: Path) -> bool:
     probe = subprocess.run([str(python), "-c", "import torch; print(torch.cuda.is_available())"],
                            capture_output=True, text=True, timeout=120)
     return probe.stdout.strip() == "True"
-
-
-def _clean_env() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the platform's packages must not shadow the engine's
-    return env
 
 
 def openai_image_message(text: str, image_png: bytes) -> dict[str, Any]:
