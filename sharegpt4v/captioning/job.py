@@ -6,9 +6,11 @@ Work unit = one input shard. For shard `S` the job writes into the caption-set f
     records/S.jsonl             all records of the shard, in shard order (atomic PUT)
     records/S.done.json         completion marker (counts + sha256 of the records file)
 
-A rerun skips shards with a marker, reloads the parts of a partial shard and captions only
-the ids not yet recorded, so no id is lost or written twice; a kill loses at most one
-unpublished part. Worker `i` of `N` takes a deterministic subset of shards (KFP fan-out);
+A rerun skips shards with a marker, reloads the records file and parts of a partial shard and
+captions only the ids not yet recorded, so no id is lost or written twice; a kill loses at most
+one unpublished part. `retry_errors` reopens a finished shard with errors: its records file stays
+until the new one replaces it, so its `ok` records are never captioned again, whatever is killed
+when. Worker `i` of `N` takes a deterministic subset of shards (KFP fan-out);
 `finalize_caption_set` writes the caption set's manifest once every shard is complete.
 """
 
@@ -90,10 +92,17 @@ class _ShardProgress:
         self.records: dict[str, dict[str, Any]] = {}
         self.pending: list[dict[str, Any]] = []
         self.next_part = 0
-        for info in out.list(f"parts/{stem}"):
+        # The shard's records file first (present while its errors are being retried, or when a
+        # run died between the records file and its marker), then the parts in the order they
+        # were published: a later record of an id (a retried error) replaces an earlier one.
+        if out.exists(f"records/{stem}.jsonl"):
+            for record in _read_jsonl(out, f"records/{stem}.jsonl"):
+                self.records[record["id"]] = record
+        parts = sorted(out.list(f"parts/{stem}"), key=lambda info: _part_number(info.key))
+        for info in parts:
             for record in _read_jsonl(out, info.key):
-                self.records.setdefault(record["id"], record)  # a rerun never counts an id twice
-            self.next_part = max(self.next_part, int(info.key.rsplit("-", 1)[-1].split(".")[0]) + 1)
+                self.records[record["id"]] = record
+            self.next_part = max(self.next_part, _part_number(info.key) + 1)
 
     def add(self, record: dict[str, Any]) -> None:
         self.records[record["id"]] = record
@@ -106,6 +115,10 @@ class _ShardProgress:
             self.out.put_bytes(f"parts/{self.stem}/part-{self.next_part:06d}.jsonl", _jsonl(self.pending))
             self.next_part += 1
             self.pending = []
+
+
+def _part_number(key: str) -> int:
+    return int(key.rsplit("-", 1)[-1].split(".")[0])
 
 
 def _completed(out: Store, stem: str) -> bool:
@@ -139,6 +152,8 @@ def run_caption_job(
             out.delete_prefix(f"parts/{stem}")  # leftovers of a run killed while cleaning up
         else:
             todo.append(uri)
+    if todo and out.is_complete():
+        out.delete(storage.MANIFEST_NAME)  # shards reopen (retried errors): the set is complete again only at fan-in
 
     params = {
         "input": dataset_uri, "output": out_uri, "captioner": captioner.name, "worker": worker,
@@ -175,9 +190,9 @@ def _caption_shard(
 ) -> None:
     stem = shard_stem(uri)
     state = _ShardProgress(out, stem, part_size)
-    if _completed(out, stem):  # retrying errors of a finished shard: its ok records stay
-        for record in _read_jsonl(out, f"records/{stem}.jsonl"):
-            state.records.setdefault(record["id"], record)
+    # Retrying errors of a finished shard: its records file stays until the new one replaces it, so
+    # a kill from here on finds every ok record again (they are never captioned twice).
+    if _completed(out, stem):
         out.delete(f"records/{stem}.done.json")
     if retry_errors:
         state.records = {k: r for k, r in state.records.items() if r["status"] == "ok"}

@@ -9,7 +9,9 @@ Faults can be switched on at runtime (from Python or `POST /admin/faults`) at a 
 `429` (with Retry-After), `500`, `503`, `slow` (sleeps past the client's timeout), `malformed`
 (a 200 whose body is not JSON), `short`, `refusal` and `truncated` answers. Which request gets
 which fault is drawn from a seeded generator, so a run with one request at a time is
-reproducible. `GET /admin/stats` reports requests, faults served and peak concurrency.
+reproducible. `GET /admin/stats` reports requests, faults served and peak concurrency;
+`GET /admin/requests` (or `requests_by_image()`) how many chat requests each image got, by sha256,
+so a test can prove that nothing was asked (and paid for) twice.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ class TeacherSim:
         self._chat_requests = 0
         self._status: Counter[int] = Counter()
         self._faults_served: Counter[str] = Counter()
+        self._by_image: Counter[str] = Counter()
         self._in_flight = 0
         self._max_in_flight = 0
         self._server: _Server | None = None
@@ -174,11 +177,21 @@ class TeacherSim:
                 "max_concurrent": self._max_in_flight,
             }
 
+    def requests_by_image(self) -> dict[str, int]:
+        """sha256 of an image -> chat requests that carried it (answered, faulted or refused)."""
+        with self._lock:
+            return dict(self._by_image)
+
     def reset_stats(self) -> None:
         with self._lock:
             self._requests = self._chat_requests = self._max_in_flight = 0
             self._status.clear()
             self._faults_served.clear()
+            self._by_image.clear()
+
+    def _count_image(self, image: bytes) -> None:
+        with self._lock:
+            self._by_image[hashlib.sha256(image).hexdigest()] += 1
 
     @property
     def url(self) -> str:
@@ -280,6 +293,8 @@ class TeacherSim:
                     self._send(200, {"object": "list", "data": [model]})
                 elif self.path.rstrip("/") == "/admin/stats":
                     self._send(200, sim.stats())
+                elif self.path.rstrip("/") == "/admin/requests":
+                    self._send(200, sim.requests_by_image())
                 else:
                     self._error(404, f"no route {self.path}", "invalid_request_error", "not_found")
 
@@ -316,6 +331,7 @@ class TeacherSim:
                 except _BadRequest as exc:
                     self._error(400, str(exc), "invalid_request_error")
                     return
+                sim._count_image(image)
                 caption = sim.captions.get(hashlib.sha256(image).hexdigest())
                 if caption is None:
                     self._error(400, "unknown image: not in the synthetic world", "invalid_request_error", "unknown_image")

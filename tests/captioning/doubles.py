@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -21,13 +22,18 @@ class EchoCaptioner:
 
     name = "echo-captioner:test"
 
-    def __init__(self, error_every: int = 0, delay: float = 0.0, budget: int | None = None):
+    def __init__(self, error_every: int = 0, delay: float = 0.0, budget: int | None = None,
+                 request_log: str | Path | None = None):
         self.error_every, self.delay, self.budget = error_every, delay, budget
+        self.request_log = Path(request_log) if request_log else None
         self.calls = 0
         self.captioned = 0
 
     def caption_batch(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         self.calls += 1
+        if self.request_log is not None:  # what a paid captioner would bill: one line per requested id
+            with open(self.request_log, "a") as log:
+                log.write("".join(f"{r.id}\n" for r in requests))
         if self.delay:
             time.sleep(self.delay)
         results = []
@@ -47,17 +53,36 @@ def expected_caption(sha256: str) -> str:
     return f"an image whose digest starts with {sha256[:12]}"
 
 
-def kill_at_random_moments(start: Callable[[], subprocess.Popen], out: Path, kills: int, seed: int) -> int:
+def published_records(out: Path) -> dict[str, str]:
+    """id -> status of every record a captioning job has published so far (parts and records files)."""
+    found: dict[str, str] = {}
+    for path in sorted(out.glob("parts/*/*.jsonl")) + sorted(out.glob("records/*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                found[record["id"]] = record["status"]
+    return found
+
+
+def kill_at_random_moments(start: Callable[[], subprocess.Popen], out: Path, kills: int, seed: int,
+                           after_each: Callable[[], None] | None = None) -> int:
     """SIGKILL a captioning job `kills` times at random moments, then rerun it until it completes.
 
     Each kill lands after the run has published something new (so the job is mid-shard,
-    mid-part, between a records file and its marker, or cleaning up). Returns the kill count.
+    mid-part, between a records file and its marker, or cleaning up). `after_each` runs once
+    each process has ended (killed or not), before the next starts. Returns the kill count.
     """
     rng = random.Random(seed)
     done = 0
 
-    def published() -> int:
-        return sum(1 for p in out.rglob("*.jsonl") if not p.name.startswith("."))
+    def published() -> frozenset[tuple[str, int]]:  # what the job has written so far (rewrites included)
+        found = set()
+        for path in out.rglob("*.json*"):
+            try:
+                found.add((str(path), path.stat().st_mtime_ns))
+            except FileNotFoundError:  # deleted by the job meanwhile
+                pass
+        return frozenset(found)
 
     for _ in range(kills + 10):
         before = published()
@@ -70,10 +95,14 @@ def kill_at_random_moments(start: Callable[[], subprocess.Popen], out: Path, kil
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 done += 1
-            proc.wait()
+            proc.communicate()
+            if after_each is not None:
+                after_each()
             continue
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
+        if after_each is not None:
+            after_each()
         if "complete" in stdout:
             return done
     raise AssertionError("the job never completed")

@@ -25,6 +25,7 @@ from tests.captioning.doubles import (
     EchoCaptioner,
     expected_caption,
     kill_at_random_moments,
+    published_records,
 )
 
 
@@ -119,20 +120,72 @@ _JOB = textwrap.dedent(
     import sys
     from sharegpt4v.captioning.job import run_caption_job
     from tests.captioning.doubles import EchoCaptioner
-    summary = run_caption_job(sys.argv[1], sys.argv[2], EchoCaptioner(error_every=9, delay=0.05), batch_size=3,
-                              part_size=2, progress=False)
+    world, out, log, error_every, delay, retry = sys.argv[1:]
+    captioner = EchoCaptioner(error_every=int(error_every), delay=float(delay), request_log=log)
+    summary = run_caption_job(world, out, captioner, batch_size=3, part_size=2, retry_errors=retry == "retry",
+                              progress=False)
     print("complete" if summary.complete else "incomplete", flush=True)
     """
 )
 
 
+class _NoRequestTwice:
+    """After each run of a killed-and-rerun job: no id it requested had been published before it.
+
+    `retry`: only `ok` records count (a retry asks for published errors again, by design).
+    """
+
+    def __init__(self, out: Path, log: Path, retry: bool = False):
+        self.out, self.log, self.retry = out, log, retry
+        self.offset = len(self._lines())  # requests of earlier runs are not this check's
+        self.before = self._published()
+        self.requested: Counter = Counter()
+
+    def _published(self) -> set[str]:
+        return {i for i, status in published_records(self.out).items() if status == "ok" or not self.retry}
+
+    def _lines(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def __call__(self) -> None:
+        lines = self._lines()
+        new = lines[self.offset:]
+        self.offset = len(lines)
+        self.requested.update(new)
+        again = sorted(set(new) & self.before)
+        assert not again, f"{len(again)} published id(s) requested again, e.g. {again[0]}"
+        self.before = self._published()
+
+
+def _job(world: str, out: Path, log: Path, error_every: int, delay: float = 0.05,
+         retry: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _JOB, world, str(out), str(log), str(error_every), str(delay),
+                             "retry" if retry else "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+
+
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(world: str, tmp_path: Path) -> None:
-    out = tmp_path / "captions"
-    start = lambda: subprocess.Popen([sys.executable, "-c", _JOB, world, str(out)], stdout=subprocess.PIPE,  # noqa: E731
-                                     stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
-    assert kill_at_random_moments(start, out, kills=5, seed=1234) == 5
+    out, log = tmp_path / "captions", tmp_path / "requests.log"
+    check = _NoRequestTwice(out, log)
+    assert kill_at_random_moments(lambda: _job(world, out, log, 9), out, kills=5, seed=1234, after_each=check) == 5
     _check_exactly_once(world, str(out))
     assert list(storage.open_store(str(out)).list("parts")) == []
+    assert set(check.requested) == set(_input(world))  # a killed run's unpublished work is asked again, no more
+
+
+def test_sigkill_during_retry_errors_never_recaptions_an_ok_record(world: str, tmp_path: Path) -> None:
+    out, log = tmp_path / "captions", tmp_path / "requests.log"
+    first = _job(world, out, log, 2, delay=0.0)
+    assert first.communicate(timeout=300)[0].strip() == "complete"
+    errors = {i for i, status in published_records(out).items() if status == "error"}
+    assert len(errors) > 40
+    check = _NoRequestTwice(out, log, retry=True)
+    assert kill_at_random_moments(lambda: _job(world, out, log, 0, delay=0.15, retry=True), out, kills=5, seed=7,
+                                  after_each=check) == 5
+    assert set(check.requested) == errors  # only the errors were asked again
+    records = _check_exactly_once(world, str(out))
+    assert all(r["status"] == "ok" for r in records)
+    assert storage.open_store(str(out)).is_complete()
 
 
 def test_records_are_in_shard_order(world: str, tmp_path: Path) -> None:

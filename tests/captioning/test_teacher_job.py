@@ -22,7 +22,7 @@ from sharegpt4v.captioning.teacher_sim import TeacherSim, world_caption_index
 from sharegpt4v.config import WorldConfig
 from sharegpt4v.data.shards import open_dataset, sample_meta
 from sharegpt4v.world.generate import generate_world
-from tests.captioning.doubles import kill_at_random_moments
+from tests.captioning.doubles import kill_at_random_moments, published_records
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["teacher.backoff_base_s=0.01", "teacher.backoff_max_s=0.2", "teacher.timeout_s=1", "teacher.max_retries=8"]
@@ -99,6 +99,36 @@ def test_faults_lose_nothing_and_retries_show_in_mlflow(world: str, sim: Teacher
 def test_sigkill_at_random_moments_with_faults(world: str, sim: TeacherSim, tmp_path: Path) -> None:
     out = tmp_path / "seed"
     assert kill_at_random_moments(lambda: _caption(world, str(out), _env(sim)), out, kills=5, seed=99) == 5
+    _check(world, str(out))
+
+
+def test_sigkill_during_retry_errors_never_asks_the_teacher_twice_for_an_ok_image(
+        world: str, sim: TeacherSim, tmp_path: Path) -> None:
+    out = tmp_path / "seed"
+    sim.set_faults(rate=0.4, kinds=("short", "refusal", "truncated"))
+    proc = _caption(world, str(out), _env(sim))
+    assert proc.wait(timeout=300) == 0
+    errors = {i for i, status in published_records(out).items() if status == "error"}
+    assert len(errors) >= 20
+    id_of = {sample_meta(s)["sha256"]: sample_meta(s)["id"] for s in open_dataset(world).samples()}
+    # retried transport faults, some errors again, and slow enough answers for the kills to land mid-run
+    sim.set_faults(rate=0.2, kinds=("429", "500", "503", "short"), latency_s=0.1)
+    sim.reset_stats()
+    asked: Counter = Counter()
+    ok_before = {i for i, status in published_records(out).items() if status == "ok"}
+
+    def no_ok_image_asked_again() -> None:
+        nonlocal ok_before
+        requests = {id_of[sha]: n for sha, n in sim.requests_by_image().items()}
+        sim.reset_stats()
+        asked.update(requests)
+        again = sorted(set(requests) & ok_before)
+        assert not again, f"{len(again)} image(s) with an ok record asked again (paid twice), e.g. {again[0]}"
+        ok_before = {i for i, status in published_records(out).items() if status == "ok"}
+
+    start = lambda: _caption(world, str(out), _env(sim), "--retry-errors", "teacher.concurrency=2")  # noqa: E731
+    assert kill_at_random_moments(start, out, kills=4, seed=5, after_each=no_ok_image_asked_again) == 4
+    assert set(asked) <= errors  # only images whose record was an error were asked again
     _check(world, str(out))
 
 
