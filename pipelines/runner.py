@@ -251,15 +251,51 @@ def submit(host: str, *, pipeline: str = "sharegpt4v", arguments: Mapping[str, A
     or, with `recurring` (a 6-field KFP cron expression, seconds first), a recurring run.
 
     `token`: a bearer token for a KFP behind auth (default: $KFP_TOKEN). Returns the ids and URLs.
+    An unknown pipeline is a `UsageError`; an API that cannot be reached or refuses is a one-line
+    `PipelineError` naming the host (without credentials).
     """
+    import warnings
+
     import kfp
+
+    from sharegpt4v.errors import UsageError, connection_failure, first_line
+    from sharegpt4v.redact import redact_url
 
     path = COMPILED_DIR / f"{pipeline}.yaml"
     if not path.exists():
-        raise PipelineError(f"{path}: no compiled pipeline {pipeline!r} (known: {', '.join(_pipelines())})")
-    with contextlib.redirect_stdout(sys.stderr):  # kfp prints links; stdout stays for the result
-        return _submit(kfp, host, path, pipeline, dict(arguments or {}), experiment, run_name, recurring, namespace,
-                       token, service_account, enable_caching, max_concurrency)
+        raise UsageError(f"{path}: no compiled pipeline {pipeline!r} (known: {', '.join(_pipelines())})")
+    where = f"the Kubeflow Pipelines API at {redact_url(host)}"
+    try:
+        # kfp prints links (stdout stays for the result) and warns that it needs KFP v2 (one line is all there is)
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"kfp\.")
+            return _submit(kfp, host, path, pipeline, dict(arguments or {}), experiment, run_name, recurring, namespace,
+                           token, service_account, enable_caching, max_concurrency)
+    except PlatformError:
+        raise
+    except Exception as exc:
+        cause = connection_failure(exc)
+        if cause:
+            raise PipelineError(f"cannot reach {where}: {cause}") from exc
+        status = getattr(exc, "status", None)
+        if type(exc).__module__.startswith("kfp_server_api") and status:
+            message = _api_message(exc)
+            answer = f"{status} {getattr(exc, 'reason', None) or ''}".strip() + (f": {message}" if message else "")
+            raise PipelineError(f"{where} answered HTTP {answer}") from exc
+        if isinstance(exc, TimeoutError) and "healthz" in str(exc):
+            raise PipelineError(f"{where} failed its health check ({first_line(exc)}); "
+                                "is --host the KFP API endpoint?") from exc
+        raise
+
+
+def _api_message(exc: BaseException) -> str:
+    """The error message in a KFP API error's JSON body, else nothing."""
+    try:
+        body = json.loads(getattr(exc, "body", None) or "{}")
+    except (TypeError, ValueError):
+        return ""
+    message = (body.get("error_message") or body.get("message") or "") if isinstance(body, dict) else ""
+    return str(message).splitlines()[0] if message else ""
 
 
 def _submit(kfp: Any, host: str, path: Path, pipeline: str, args: dict[str, Any], experiment: str, run_name: str | None,

@@ -1,6 +1,8 @@
 """`sharegpt4v` command line: subcommands map to plain functions of the core package.
 
-Exit codes: 0 success, 1 failure (one-line cause on stderr), 2 usage error.
+Exit codes: 0 success, 1 failure (one-line cause on stderr), 2 usage error (a bad or missing argument
+or argument value, a recipe that cannot run: also one line). `main()` is the one boundary where every
+error becomes that line; `SHAREGPT4V_DEBUG=1` re-raises it for the full traceback.
 """
 
 from __future__ import annotations
@@ -14,14 +16,59 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sharegpt4v.config import ConfigError, available_profiles, load_recipe
-from sharegpt4v.errors import PlatformError
+from sharegpt4v.errors import PlatformError, UsageError, first_line
+from sharegpt4v.redact import redact_text
 
 
 class CommandError(PlatformError):
     """A failure to report as one line and exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage is one `--help` away), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low` (a count, a port, an index)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1..65535, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+_COUNT = _int_at_least(1)
+_NON_NEGATIVE = _int_at_least(0)
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -122,12 +169,18 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_worker(args: argparse.Namespace) -> None:
+    if args.worker >= args.num_workers:
+        raise UsageError(f"--worker {args.worker}: outside 0..{args.num_workers - 1} "
+                         f"(--num-workers {args.num_workers})")
+
+
 def _run_job(args: argparse.Namespace, captioner: Any, batch_size: int) -> int:
     from sharegpt4v.captioning.job import run_caption_job
 
     summary = run_caption_job(
         args.input, args.out, captioner, batch_size=batch_size, worker=args.worker, num_workers=args.num_workers,
-        split=args.split, retry_errors=args.retry_errors,
+        split=args.split, retry_errors=args.retry_errors, overwrite=args.overwrite,
     )
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
@@ -147,18 +200,27 @@ def _run_job(args: argparse.Namespace, captioner: Any, batch_size: int) -> int:
 def cmd_caption_teacher(args: argparse.Namespace) -> int:
     from sharegpt4v.captioning.teacher import TeacherClient
 
+    _check_worker(args)
     recipe = _recipe(args)
     if args.budget_usd is not None:
+        if args.budget_usd < 0:
+            raise UsageError(f"--budget-usd: must be >= 0, got {args.budget_usd}")
         recipe.teacher.budget_usd = args.budget_usd
     with TeacherClient(recipe.teacher) as client:
         return _run_job(args, client, batch_size=args.batch_size or 4 * recipe.teacher.concurrency)
 
 
 def cmd_caption_run(args: argparse.Namespace) -> int:
-    from sharegpt4v.captioning.engine import make_captioner
+    from sharegpt4v.captioning.engine import captioner_identity, make_captioner
+    from sharegpt4v.captioning.job import check_caption_set
+    from sharegpt4v.modeling.builder import checkpoint_digest
 
+    _check_worker(args)
     recipe = _recipe(args)
     device = args.device or recipe.compute.device
+    if not args.overwrite:  # another captioner's set is refused before a model is loaded
+        check_caption_set(args.input, args.out, captioner_identity(checkpoint_digest(args.model), recipe.captioning),
+                          args.split)
     captioner = make_captioner(args.model, recipe, device=device)
     try:
         return _run_job(args, captioner, batch_size=args.batch_size or recipe.captioning.batch_size)
@@ -195,12 +257,12 @@ def cmd_caption_report(args: argparse.Namespace) -> int:
     from sharegpt4v.captioning.report import run_report, world_caption_sets
 
     sets: dict[str, Any] = dict(_pairs(args.records, "--records", "NAME=URI"))
+    if args.world_captions and not args.input:
+        raise UsageError("--world-captions needs --input (a synthetic world dataset)")
+    if not sets and not args.world_captions:
+        raise UsageError("nothing to report: give --records NAME=URI and/or --world-captions")
     if args.world_captions:
-        if not args.input:
-            raise CommandError("--world-captions needs --input (a synthetic world dataset)")
         sets.update(world_caption_sets(args.input, args.split))
-    if not sets:
-        raise CommandError("nothing to report: give --records NAME=URI and/or --world-captions")
     report = run_report(sets, args.out, dataset_uri=args.input, split=args.split, samples=args.samples)
     print(f"caption report -> {args.out}/report.html")
     for row in report["comparison"]:
@@ -216,7 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from sharegpt4v.cluster import build_trainjob
 
         if not args.image:
-            raise CommandError("--trainjob needs --image (the training image, pinned by tag or digest)")
+            raise UsageError("--trainjob needs --image (the training image, pinned by tag or digest)")
         job = build_trainjob(
             args.stage, recipe, name=args.name or f"sharegpt4v-{args.stage}", image=args.image, data=args.data[0],
             out=args.out, init=args.init, captions=args.captions, overrides=args.overrides, runtime=args.runtime,
@@ -258,16 +320,16 @@ def cmd_experiment_ablation(args: argparse.Namespace) -> int:
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     unknown = set(arms) - set(ARMS)
     if unknown:
-        raise CommandError(f"--arms: unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
+        raise UsageError(f"--arms: unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
     try:
         seeds = tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
-        raise CommandError(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
+        raise UsageError(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
     try:
         plan = AblationPlan(out=args.out, images=args.images, world_seed=args.world_seed, arms=arms, seeds=seeds,
                             lanes=args.lanes)
     except ValueError as exc:
-        raise CommandError(f"--{exc}") from None
+        raise UsageError(f"--{exc}") from None
     summary = run_ablation(recipe, plan)
     log_summary(summary)
     print(results_table(summary), end="")
@@ -282,7 +344,16 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     if args.benchmarks_only:
         recipe.eval.benchmarks = [b.strip() for b in args.benchmarks_only.split(",") if b.strip()]
+        _known_benchmarks(recipe.eval.benchmarks, "--benchmarks")
     paths = dict(_pairs(args.benchmark, "--benchmark", "NAME=PATH"))
+    _known_benchmarks(list(paths), "--benchmark")
+    for name in recipe.eval.benchmarks:  # every source named before the model is resolved or loaded
+        if name == "world-vqa" and not (args.data or paths.get(name)):
+            raise UsageError("world-vqa needs --data (the synthetic world dataset); or choose --benchmarks")
+        if name != "world-vqa" and name not in paths:
+            raise UsageError(f"{name} needs --benchmark {name}=PATH (its folder); or choose --benchmarks")
+    if tracking.parse_model_ref(args.model) is None and args.promote:  # a malformed reference: UsageError too
+        raise UsageError(f"--promote needs --model {tracking.MODEL_REF_FORMS} (a registered version to alias)")
     checkpoint, version = tracking.resolve_model(args.model)
     results = evaluate(checkpoint, recipe, dataset_uri=args.data, benchmark_paths=paths, out=args.out,
                        model_id=args.model, progress=True)
@@ -291,8 +362,6 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}")
     if args.promote:
-        if not version:
-            raise CommandError("--promote needs --model models:/<name>/<version> or models:/<name>@<alias>")
         metric, threshold = recipe.eval.champion_metric, recipe.eval.champion_threshold
         if metric not in metrics:
             raise CommandError(f"eval.champion_metric {metric!r} was not measured (have: {', '.join(metrics)})")
@@ -304,9 +373,18 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _known_benchmarks(names: list[str], flag: str) -> None:
+    from sharegpt4v.evaluation.registry import BENCHMARKS
+
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise UsageError(f"{flag}: unknown benchmark {unknown[0]!r} (known: {', '.join(BENCHMARKS)})")
+
+
 def cmd_eval_score(args: argparse.Namespace) -> int:
     from sharegpt4v.evaluation import flat_metrics, score_answers
 
+    _known_benchmarks([args.benchmark], "--benchmark")
     results = score_answers(args.benchmark, args.answers, args.path, args.split)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -321,7 +399,7 @@ def _pairs(items: list[str], flag: str, shape: str) -> list[tuple[str, str]]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
-            raise CommandError(f"{flag} {item!r}: expected {shape}")
+            raise UsageError(f"{flag} {item!r}: expected {shape}")
         pairs.append((name, value))
     return pairs
 
@@ -341,7 +419,10 @@ def cmd_teacher_sim_serve(args: argparse.Namespace) -> int:
     from sharegpt4v.captioning.teacher_sim import FAULT_KINDS, Faults, serve_forever
 
     kinds = tuple(k for k in args.fault_kinds.split(",") if k) if args.fault_kinds else FAULT_KINDS
-    faults = Faults(rate=args.fault_rate, kinds=kinds, latency_s=args.latency_s)
+    try:
+        faults = Faults(rate=args.fault_rate, kinds=kinds, latency_s=args.latency_s)
+    except ValueError as exc:
+        raise UsageError(f"teacher-sim faults: {exc}") from None
     _stop_on_signals()
     serve_forever(args.world, host=args.host, port=args.port, faults=faults, seed=args.seed)
     return 0
@@ -395,6 +476,10 @@ def cmd_deploy_render(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         return 0
     uris = dict(_key_value(item, "--storage-uri") for item in args.storage_uri)
+    unknown = [name for name in uris if name not in deploy.SERVED_MODELS]
+    if unknown:
+        known = ", ".join(deploy.SERVED_MODELS)
+        raise UsageError(f"--storage-uri {unknown[0]}=...: not a served model (known: {known})")
     objects = deploy.render_deployment(args.profile, models=tuple(args.model or deploy.SERVED_MODELS),
                                        storage_uris=uris, namespace=args.namespace, image=args.image,
                                        engine=args.engine)
@@ -405,7 +490,7 @@ def cmd_deploy_render(args: argparse.Namespace) -> int:
 def _key_value(item: str, flag: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key or not value:
-        raise CommandError(f"{flag} {item!r}: expected MODEL=s3://...")
+        raise UsageError(f"{flag} {item!r}: expected MODEL=s3://...")
     return key, value
 
 
@@ -425,11 +510,18 @@ def cmd_deploy_apply(args: argparse.Namespace) -> int:
 
 
 def _model_refs(items: list[str]) -> dict[str, str]:
+    """--model NAME=REF items, checked before any work: known served models, well-formed references."""
+    from sharegpt4v import tracking
+    from sharegpt4v.serving.repository import EXPORTABLE
+
     refs: dict[str, str] = {}
     for item in items:
         name, sep, ref = item.partition("=")
         if not sep or not name or not ref:
-            raise CommandError(f"--model {item!r}: expected NAME=REF, e.g. chat=models:/sharegpt4v-chat@champion")
+            raise UsageError(f"--model {item!r}: expected NAME=REF, e.g. chat=models:/sharegpt4v-chat@champion")
+        if name not in EXPORTABLE:
+            raise UsageError(f"--model {item!r}: {name!r} is not a served model (known: {', '.join(EXPORTABLE)})")
+        tracking.parse_model_ref(ref)
         refs[name] = ref
     return refs
 
@@ -437,7 +529,8 @@ def _model_refs(items: list[str]) -> dict[str, str]:
 def cmd_serve_export(args: argparse.Namespace) -> int:
     from sharegpt4v.serving.export import export_model_repository
 
-    result = export_model_repository(_model_refs(args.model), args.out, _recipe(args), kind=args.kind)
+    result = export_model_repository(_model_refs(args.model), args.out, _recipe(args), kind=args.kind,
+                                     replace=args.replace)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -496,6 +589,8 @@ def cmd_serve_vllm(args: argparse.Namespace) -> int:
 def _client_call(args: argparse.Namespace) -> dict[str, Any]:
     from sharegpt4v.serving import client
 
+    if args.action == "chat" and args.stream and args.protocol != "grpc":
+        raise UsageError("--stream: token streaming uses gRPC; add --protocol grpc")
     path = Path(args.image)
     if not path.is_file():
         raise CommandError(f"{args.image}: no such image file")
@@ -514,8 +609,6 @@ def _client_call(args: argparse.Namespace) -> dict[str, Any]:
             raise CommandError(f"{args.history}: expected a JSON list of {{role, content}} messages")
     messages.append({"role": "user", "content": args.question})
     if args.stream:
-        if args.protocol != "grpc":
-            raise CommandError("--stream: token streaming uses gRPC; add --protocol grpc")
         options.pop("protocol")
         options.setdefault("model", "chat_stream")
         final: dict[str, Any] = {}
@@ -560,7 +653,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
 
     result = runner.run_local(Path(args.dir), images=args.images, seed=args.seed, profile=args.profile,
                               overrides=args.overrides, shard_groups=args.shard_groups,
-                              champion_threshold=args.champion_threshold, extra=runner.parse_arguments(args.param))
+                              champion_threshold=args.champion_threshold, extra=_pipeline_params(args.param))
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0
@@ -576,10 +669,23 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_params(items: list[str]) -> dict[str, Any]:
+    from pipelines import runner
+
+    for item in items:
+        name, sep, _ = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--param {item!r}: expected NAME=VALUE")
+    return runner.parse_arguments(items)
+
+
 def cmd_pipeline_submit(args: argparse.Namespace) -> int:
     from pipelines import runner
 
-    result = runner.submit(args.host, pipeline=args.pipeline, arguments=runner.parse_arguments(args.param),
+    if args.recurring is not None and len(args.recurring.split()) != 6:
+        raise UsageError(f"--recurring {args.recurring!r}: expected a 6-field cron expression, seconds first "
+                         "(e.g. '0 0 3 * * *')")
+    result = runner.submit(args.host, pipeline=args.pipeline, arguments=_pipeline_params(args.param),
                            experiment=args.experiment, run_name=args.run_name, recurring=args.recurring,
                            namespace=args.namespace)
     print(json.dumps(result, indent=2))
@@ -590,7 +696,7 @@ def cmd_pipeline_submit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sharegpt4v", description="ShareGPT4V recipe platform")
+    parser = _Parser(prog="sharegpt4v", description="ShareGPT4V recipe platform")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(group: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -601,10 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "demo", cmd_demo, "the main job on the embedded default: the sharegpt4v pipeline with kfp.local on "
             "local S3 + MLflow, then the champion served on the local Triton server")
     p.add_argument("--dir", default=".local/demo", help="working folder for the local services and pipeline outputs")
-    p.add_argument("--images", type=int, default=2000, help="synthetic world size (60 %% corpus, 30 %% seed captions "
+    p.add_argument("--images", type=_COUNT, default=2000, help="synthetic world size (60 %% corpus, 30 %% seed captions "
                    "and SFT questions, 10 %% test)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-groups", type=int, default=2, help="parallel corpus-captioning tasks (ParallelFor)")
+    p.add_argument("--shard-groups", type=_COUNT, default=2, help="parallel corpus-captioning tasks (ParallelFor)")
     _recipe_args(p)
 
     config = sub.add_parser("config", help="recipes").add_subparsers(dest="action", required=True)
@@ -615,9 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     world = sub.add_parser("world", help="the synthetic scene world").add_subparsers(dest="action", required=True)
     p = add(world, "generate", cmd_world_generate, "render a deterministic synthetic world into image shards")
     p.add_argument("--out", required=True, help="dataset folder: s3://bucket/prefix or a local path")
-    p.add_argument("--images", type=int, required=True)
+    p.add_argument("--images", type=_COUNT, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="parallel processes (default: world.workers)")
+    p.add_argument("--workers", type=_NON_NEGATIVE, default=0, help="parallel processes (default: world.workers)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset that already exists at --out")
     _recipe_args(p)
 
@@ -642,10 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input", required=True, help="image dataset (folder with a shard manifest)")
         p.add_argument("--out", required=True, help="caption set folder (records per shard + manifest)")
         p.add_argument("--split", default=None, help="only this split (train/val/test); default: all")
-        p.add_argument("--worker", type=int, default=0, help="this worker's index (KFP fan-out)")
-        p.add_argument("--num-workers", type=int, default=1)
-        p.add_argument("--batch-size", type=int, default=0, help="images per captioner call (default from the recipe)")
+        p.add_argument("--worker", type=_NON_NEGATIVE, default=0, help="this worker's index (KFP fan-out)")
+        p.add_argument("--num-workers", type=_COUNT, default=1)
+        p.add_argument("--batch-size", type=_NON_NEGATIVE, default=0,
+                       help="images per captioner call (default from the recipe)")
         p.add_argument("--retry-errors", action="store_true", help="caption again the images whose record is an error")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a caption set written by another captioner, prompt or input (default: refuse)")
         p.add_argument("--json", action="store_true", help="print the job summary as JSON")
         _recipe_args(p)
 
@@ -677,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None, help="the image dataset: joins images, and scores facts on the synthetic world")
     p.add_argument("--split", default=None)
     p.add_argument("--world-captions", action="store_true", help="add the world's own brief and detailed captions as references")
-    p.add_argument("--samples", type=int, default=12)
+    p.add_argument("--samples", type=_NON_NEGATIVE, default=12)
     p.add_argument("--out", required=True, help="folder (local or s3://) for report.json, report.html and plots")
 
     train = sub.add_parser("train", help="train a stage and register its checkpoint in MLflow").add_subparsers(
@@ -693,7 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="checkpoint prefix (checkpoint-<step>/ and final/)")
         p.add_argument("--split", default="train")
         p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun); CPU: gloo")
-        p.add_argument("--no-resume", action="store_true", help="start over instead of resuming from the newest checkpoint")
+        p.add_argument("--no-resume", action="store_true",
+                       help="start over: remove the checkpoints and final model at --out (needed when they were made "
+                            "from another recipe, data or init)")
         p.add_argument("--no-register", action="store_true", help="do not register the checkpoint as a model version")
         p.add_argument("--json", action="store_true")
         p.add_argument("--trainjob", action="store_true", help="print a Kubeflow Trainer TrainJob for this run instead")
@@ -715,9 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "shuffled (B's captions on other images), none (no pretraining)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (the captioner is trained once, with the first)")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the synthetic world")
-    p.add_argument("--images", type=int, default=16000,
+    p.add_argument("--images", type=_COUNT, default=16000,
                    help="synthetic world size (train: foundations + pretraining, val: seed captions + SFT, test: evaluation)")
-    p.add_argument("--lanes", type=int, default=2, help="runs in parallel (one per core)")
+    p.add_argument("--lanes", type=_COUNT, default=2, help="runs in parallel (one per core)")
     _recipe_args(p)
 
     evaluation = sub.add_parser("eval", help="benchmarks").add_subparsers(dest="action", required=True)
@@ -744,7 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
             "serve an OpenAI-compatible endpoint that answers with the synthetic world's detailed captions")
     p.add_argument("--world", required=True, help="synthetic world dataset whose images it knows")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--fault-kinds", default="", help="comma-separated: 429,500,503,slow,malformed,short,refusal,truncated")
     p.add_argument("--latency-s", type=float, default=0.0)
@@ -758,9 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
             "run the end-to-end pipeline with kfp.local here, on embedded S3 + MLflow and a synthetic world")
     p.add_argument("--local", action="store_true", required=True, help="run with kfp.local in this environment")
     p.add_argument("--dir", default=".local/pipeline", help="working folder (S3 data, MLflow, KFP outputs)")
-    p.add_argument("--images", type=int, default=96, help="synthetic world size")
+    p.add_argument("--images", type=_COUNT, default=96, help="synthetic world size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-groups", type=int, default=2)
+    p.add_argument("--shard-groups", type=_COUNT, default=2)
     p.add_argument("--champion-threshold", type=float, default=0.0)
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="another pipeline parameter")
     p.add_argument("--json", action="store_true")
@@ -806,7 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="sharegpt4v")
     p.add_argument("--dry-run", action="store_true", help="print the InferenceService and change nothing")
     p.add_argument("--wait", action="store_true", help="wait until it is Ready")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds --wait waits")
+    p.add_argument("--timeout", type=_seconds, default=1800.0, help="seconds --wait waits")
     serve = sub.add_parser("serve", help="Triton model repositories and local serving").add_subparsers(
         dest="action", required=True)
     p = add(serve, "export", cmd_serve_export,
@@ -817,24 +928,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="repository prefix, e.g. s3://sharegpt4v/serving/chat/")
     p.add_argument("--kind", default=None, choices=("KIND_GPU", "KIND_CPU"),
                    help="Triton instance kind (default: serving.instance_kind of the recipe)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a repository that serves other models at --out (default: refuse; the same one is kept)")
     p.add_argument("--json", action="store_true")
     _recipe_args(p)
     p = add(serve, "local", cmd_serve_local,
             "serve a model repository with the real Triton server (nvidia-pytriton wheel) on loopback until Ctrl-C")
     p.add_argument("--model-repo", required=True, help="repository: s3:// prefix (downloaded first) or a folder")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=_port, default=8000)
+    p.add_argument("--grpc-port", type=_port, default=8001)
+    p.add_argument("--metrics-port", type=_port, default=8002)
     p.add_argument("--workdir", default=None, help="folder for the download and the server log (default: a temp folder)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+    p.add_argument("--timeout", type=_seconds, default=300.0, help="seconds to wait for the models to load")
 
     p = add(serve, "vllm", cmd_serve_vllm,
             "serve a checkpoint with vLLM's OpenAI server (engine environment) on loopback until Ctrl-C")
     p.add_argument("--model", required=True, help="checkpoint: folder, s3:// prefix or models:/<name>@<alias>")
     p.add_argument("--name", default="chat", help="the model name clients ask for")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--workdir", default=None, help="folder for the server log (default: a temp folder)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    p.add_argument("--timeout", type=_seconds, default=600.0, help="seconds to wait for the model to load")
 
     client = sub.add_parser("client", help="call a served model over the V2 protocol (local Triton or KServe)")
     client_sub = client.add_subparsers(dest="action", required=True)
@@ -844,9 +957,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--protocol", default="http", choices=("http", "grpc"))
         p.add_argument("--host", default=None, help="virtual host behind an ingress (a KServe InferenceService's hostname)")
         p.add_argument("--model", default=None, help="Triton model name (default: captioner / chat)")
-        p.add_argument("--max-tokens", type=int, default=None)
+        p.add_argument("--max-tokens", type=_COUNT, default=None)
         p.add_argument("--temperature", type=float, default=None)
-        p.add_argument("--timeout", type=float, default=120.0)
+        p.add_argument("--timeout", type=_seconds, default=120.0)
         p.add_argument("--json", action="store_true", help="print text, finish reason and token counts as JSON")
 
     p = add(client_sub, "caption", cmd_client, "a detailed caption of an image file")
@@ -862,23 +975,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line the CLI prints for `exc`, without credentials in any URL it quotes. Our own errors
+    (PlatformError, ConfigError) and OSError / ValueError say what went wrong in their message; any other
+    type (a bug, or a third-party layer's error nobody translated) is named, with where to look further."""
+    message = first_line(exc)
+    if not isinstance(exc, (PlatformError, ConfigError, ValueError, OSError)):
+        message = f"{type(exc).__name__}: {message} (SHAREGPT4V_DEBUG=1 shows the traceback)"
+    return redact_text(message)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: 0 success, 1 failure, 2 usage error; every error is one line on stderr."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    # PlatformError covers store, ingest, services, teacher, model and format errors; OSError and
-    # ValueError cover bad paths and values found while running.
-    failures = (PlatformError, ValueError, OSError)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), its line already printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.fn(args)
-    except (ConfigError, *failures) as exc:
-        if os.environ.get("SHAREGPT4V_DEBUG"):
-            raise  # the full traceback, for developers
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"sharegpt4v: error: {message}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         print("sharegpt4v: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("SHAREGPT4V_DEBUG"):
+            raise  # the full traceback, for developers
+        print(f"sharegpt4v: error: {error_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, (UsageError, ConfigError)) else 1
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from sharegpt4v.errors import PlatformError
+
 DEFAULT_EXPERIMENT = "sharegpt4v"
 ARTIFACT_ROOT_ENV = "SHAREGPT4V_MLFLOW_ARTIFACT_ROOT"
 PARENT_RUN_ENV = "SHAREGPT4V_MLFLOW_PARENT_RUN_ID"  # runs started without an active run nest under this one
@@ -60,6 +62,7 @@ def stage_run(run_name: str, params: dict[str, Any], tags: dict[str, str] | None
     """Start (or nest under the active) MLflow run; yields the run, or None when tracking is off.
 
     With no active run, the new run nests under `parent_run_id` or `$SHAREGPT4V_MLFLOW_PARENT_RUN_ID`.
+    Params and tags are recorded without credentials in any URL they hold (`redacted`).
     """
     if not tracking_enabled():
         yield None
@@ -69,9 +72,18 @@ def stage_run(run_name: str, params: dict[str, Any], tags: dict[str, str] | None
     ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     active = mlflow.active_run() is not None
     parent = None if active else (parent_run_id or os.environ.get(PARENT_RUN_ENV) or None)
+    tags = redacted(tags, limit=None) if tags else tags
     with mlflow.start_run(run_name=run_name, nested=active, parent_run_id=parent, tags=tags) as run:
-        mlflow.log_params({k: str(v)[:_MAX_PARAM_CHARS] for k, v in params.items()})
+        mlflow.log_params(redacted(params))
         yield run
+
+
+def redacted(values: dict[str, Any], limit: int | None = _MAX_PARAM_CHARS) -> dict[str, str]:
+    """Param (or tag) values as MLflow should record them: strings, with credentials cut out of any URL
+    in them (userinfo, secret query parameters: see `sharegpt4v.redact`), at most `limit` characters."""
+    from sharegpt4v.redact import redact_text
+
+    return {k: redact_text(str(v))[:limit] for k, v in values.items()}
 
 
 def ensure_experiment(name: str) -> str:
@@ -151,16 +163,43 @@ def register_checkpoint(
     client = _client()
     name = REGISTERED_MODELS[stage]
     try:
-        client.create_registered_model(name, description=f"ShareGPT4V recipe: {stage} stage output")
+        try:
+            client.create_registered_model(name, description=f"ShareGPT4V recipe: {stage} stage output")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(exc).lower():
+                raise
+        tags = {"stage": stage, "checkpoint": checkpoint_uri, **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}
+        version = client.create_model_version(name, source=checkpoint_uri, run_id=run_id, tags=redacted(tags, None),
+                                              description=description)
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version.version)
     except MlflowException as exc:
-        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
-            raise
-    tags = {"stage": stage, "checkpoint": checkpoint_uri, **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}
-    version = client.create_model_version(name, source=checkpoint_uri, run_id=run_id, tags=tags,
-                                          description=description)
-    for alias in aliases:
-        client.set_registered_model_alias(name, alias, version.version)
+        raise mlflow_error(f"registering {checkpoint_uri} as model {name!r}", exc) from exc
     return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """The tracking server answered that the run / model / version does not exist (not: it failed)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def mlflow_error(what: str, exc: BaseException) -> PlatformError:
+    """One line for a failed MLflow call: what was being done, where, and the cause (the connection
+    failure, or the first line of the error, without credentials in any URL it quotes)."""
+    from sharegpt4v.errors import connection_failure, first_line
+    from sharegpt4v.redact import redact_text
+
+    where = redact_text(os.environ.get("MLFLOW_TRACKING_URI") or "MLflow")
+    unreachable = connection_failure(exc)
+    if unreachable:
+        return PlatformError(f"{what}: cannot reach the MLflow server at {where}: {unreachable}")
+    cause = redact_text(first_line(exc))[:500]
+    code = getattr(exc, "error_code", None)
+    if code and code not in cause:
+        cause = f"{code}: {cause}"
+    return PlatformError(f"{what}: MLflow at {where} failed: {cause}")
 
 
 def stage_lineage(parent: dict[str, str], init: str | None, dataset: str, dataset_digest: str,
@@ -184,19 +223,59 @@ def promote(name: str, version: str, alias: str = "champion") -> None:
     _client().set_registered_model_alias(name, alias, version)
 
 
+MODEL_REF_FORMS = "models:/<name>@<alias> or models:/<name>/<version>"
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None] | None:
+    """`models:/name@alias` -> (name, alias, None), `models:/name/3` -> (name, None, "3"); None for
+    anything that is not a `models:/` reference. A malformed one is a `UsageError` naming the forms."""
+    from sharegpt4v.errors import UsageError
+
+    if not ref.startswith("models:/"):
+        return None
+    body = ref[len("models:/") :]
+    name, at, alias = body.partition("@")
+    if at:
+        if name and alias and "/" not in name and not any(c in alias for c in "/@"):
+            return name, alias, None
+    else:
+        parts = body.split("/")
+        if len(parts) == 2 and parts[0] and parts[1].isdigit():
+            return parts[0], None, parts[1]
+    raise UsageError(f"{ref}: not a registered model reference; expected {MODEL_REF_FORMS}")
+
+
 def resolve_model(ref: str) -> tuple[str, dict[str, str]]:
     """`models:/name@alias` or `models:/name/version` -> (checkpoint URI, {"name", "version"});
-    anything else is already a checkpoint URI (folder or s3:// prefix) and is returned as is."""
-    if not ref.startswith("models:/"):
+    anything else is already a checkpoint URI (folder or s3:// prefix) and is returned as is.
+
+    A malformed reference is a `UsageError`; no `MLFLOW_TRACKING_URI` (MLflow would otherwise make a
+    registry in ./mlflow.db), an unreachable server or a missing model or alias a one-line `PlatformError`.
+    """
+    from sharegpt4v.errors import PlatformError, connection_failure, first_line
+    from sharegpt4v.redact import redact_text
+
+    parsed = parse_model_ref(ref)
+    if parsed is None:
         return ref, {}
-    client = _client()
-    body = ref[len("models:/") :]
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    else:
-        name, number = body.rsplit("/", 1)
-        version = client.get_model_version(name, number)
+    name, alias, number = parsed
+    if not tracking_enabled():
+        raise PlatformError(f"{ref}: a registered model needs the MLflow registry; set MLFLOW_TRACKING_URI "
+                            "(e.g. http://mlflow.sharegpt4v:5000), or give a checkpoint folder or s3:// prefix")
+    uri = redact_text(os.environ["MLFLOW_TRACKING_URI"])
+    try:
+        client = _client()
+        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except Exception as exc:
+        cause = connection_failure(exc)
+        if cause:
+            raise PlatformError(f"{ref}: cannot reach the MLflow server at {uri}: {cause}") from exc
+        if not type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")):
+            raise
+        message = redact_text(first_line(exc))
+        if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" or "not found" in message.lower():
+            raise PlatformError(f"{ref}: not in the MLflow registry at {uri} ({message})") from exc
+        raise PlatformError(f"{ref}: the MLflow registry at {uri} failed: {message}") from exc
     return version.source, {"name": name, "version": str(version.version)}
 
 

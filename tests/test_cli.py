@@ -113,4 +113,4 @@ def test_caption_report_cli(tmp_path: Path) -> None:
     assert set(report["sets"]) == {"world:brief", "world:detailed"}
     assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
     bad = cli("caption", "report", "--records", "no-equals-sign", "--out", str(tmp_path / "r2"))
-    assert bad.returncode == 1 and "NAME=URI" in bad.stderr
+    assert bad.returncode == 2 and "NAME=URI" in bad.stderr  # a usage error

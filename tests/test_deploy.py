@@ -227,7 +227,7 @@ def test_cli_dry_run_and_render(capsys) -> None:
     assert [o["kind"] for o in objects] == ["ServingRuntime", "ServiceAccount", "InferenceService", "InferenceService"]
     assert objects[0]["spec"]["containers"][0]["image"] == "registry.example/sharegpt4v/serving:0.1.0"
     assert objects[3]["spec"]["predictor"]["model"]["storageUri"] == "s3://b/chat"
-    assert main(["deploy", "render", "--storage-uri", "chat"]) == 1
+    assert main(["deploy", "render", "--storage-uri", "chat"]) == 2  # a usage error
 
 
 def test_cli_check_and_write_keep_the_manifests_in_step(tmp_path: Path, capsys) -> None:

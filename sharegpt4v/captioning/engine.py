@@ -117,6 +117,14 @@ def _configs(recipe_or_cfgs: Any) -> tuple[Any, Any, str]:
     return recipe_or_cfgs.model, recipe_or_cfgs.captioning, recipe_or_cfgs.captioner.image_aspect
 
 
+def captioner_identity(checkpoint_digest: str, captioning_cfg: Any) -> dict[str, Any]:
+    """What decides a model captioner's captions (a caption set records it): the weights, prompt and
+    decoding; not the checkpoint's location, nor the backend that runs it."""
+    return {"model": checkpoint_digest, "prompt": PROMPT_ID, "max_new_tokens": captioning_cfg.max_new_tokens,
+            "num_beams": captioning_cfg.num_beams, "do_sample": captioning_cfg.do_sample,
+            "temperature": captioning_cfg.temperature, "repetition_penalty": captioning_cfg.repetition_penalty}
+
+
 def make_captioner(model_uri: str, recipe_or_cfgs: Any, device: str = "cpu", name: str | None = None) -> Any:
     """A captioner for a checkpoint written by `save_model` (local folder or s3 prefix).
 
@@ -126,7 +134,9 @@ def make_captioner(model_uri: str, recipe_or_cfgs: Any, device: str = "cpu", nam
     from sharegpt4v.modeling.builder import checkpoint_digest, load_model, materialize
 
     model_cfg, captioning_cfg, aspect = _configs(recipe_or_cfgs)
-    name = name or f"llava:{model_uri}@{checkpoint_digest(model_uri)}"
+    digest = checkpoint_digest(model_uri)
+    name = name or f"llava:{model_uri}@{digest}"
+    identity = captioner_identity(digest, captioning_cfg)
     if captioning_cfg.backend == "vllm":
         from sharegpt4v.engines.vllm_client import VllmEngine, engine_python
         from sharegpt4v.modeling.hf_layout import llava_hf_folder
@@ -134,7 +144,10 @@ def make_captioner(model_uri: str, recipe_or_cfgs: Any, device: str = "cpu", nam
         engine_python()  # a missing engine environment fails here, before anything is downloaded
         folder = llava_hf_folder(materialize(model_uri, require_manifest=True))
         image_size = json.loads((folder / "config.json").read_text())["vision_config"]["image_size"]
-        return VllmCaptioner(VllmEngine(folder), captioning_cfg, name, int(image_size), aspect)
-    model, processor = load_model(model_uri, device=device)
-    engine = InferenceEngine(model, processor, model_cfg, captioning_cfg, device=device, aspect=aspect)
-    return LlavaCaptioner(engine, name)
+        captioner: Any = VllmCaptioner(VllmEngine(folder), captioning_cfg, name, int(image_size), aspect)
+    else:
+        model, processor = load_model(model_uri, device=device)
+        engine = InferenceEngine(model, processor, model_cfg, captioning_cfg, device=device, aspect=aspect)
+        captioner = LlavaCaptioner(engine, name)
+    captioner.identity = identity
+    return captioner

@@ -41,9 +41,11 @@ from sharegpt4v.data.shards import (
     sample_image,
     sample_meta,
 )
+from sharegpt4v.provenance import refuse_if_different
 from sharegpt4v.storage import FileEntry, Store
 
 CAPTION_SET_KIND = "sharegpt4v.caption-records"
+MADE_FROM_NAME = "made-from.json"  # the captioner (model, prompts, decoding) and input of the set
 
 
 class IncompleteCaptionSet(storage.StoreError):
@@ -136,13 +138,19 @@ def run_caption_job(
     part_size: int = 64,
     retry_errors: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> JobSummary:
-    """Caption every image of this worker's shards that has no record yet."""
+    """Caption every image of this worker's shards that has no record yet.
+
+    The set records what made it (`made-from.json`); a captioner with another model, prompt or
+    decoding, or another input, is refused in one line unless `overwrite` retires the old set first.
+    """
     dataset = open_dataset(dataset_uri)
     all_shards = dataset.shard_uris(split)
     mine = assign_shards(all_shards, worker, num_workers)
     counts = {storage.resolve(dataset.uri, s["uri"]): s["samples"] for s in dataset.shards}
     out = storage.open_store(out_uri)
+    _claim(out, caption_set_made_from(dataset, captioner, split), overwrite)
     summary = JobSummary(shards_total=len(mine))
     todo = []
     for uri in mine:
@@ -177,6 +185,33 @@ def run_caption_job(
         if summary.complete and num_workers == 1:
             finalize_caption_set(dataset_uri, out_uri, split)
     return summary
+
+
+def caption_set_made_from(dataset: Any, captioner: Captioner | dict[str, Any], split: str | None) -> dict[str, Any]:
+    """What a caption set is made from: the captioner's identity (or name), the input dataset and split."""
+    identity = captioner if isinstance(captioner, dict) else getattr(captioner, "identity", None) or {"name": captioner.name}
+    return {"captioner": identity, "dataset": storage.manifest_digest(dataset.manifest), "split": split or "all"}
+
+
+def check_caption_set(dataset_uri: str, out_uri: str, identity: dict[str, Any], split: str | None = None) -> None:
+    """Refuse (one line) before any work when `out_uri` holds captions made by another captioner or input."""
+    out = storage.open_store(out_uri)
+    if out.exists(MADE_FROM_NAME):
+        made_from = caption_set_made_from(open_dataset(dataset_uri), identity, split)
+        refuse_if_different(out.url(), "captions", out.get_json(MADE_FROM_NAME), made_from, "--overwrite")
+
+
+def _claim(out: Store, made_from: dict[str, Any], overwrite: bool) -> None:
+    """Make `out` this run's caption set: refuse another captioner's, or retire it when asked."""
+    if overwrite:
+        out.delete(storage.MANIFEST_NAME)  # readers see an incomplete set first, never a mix
+        for prefix in ("records", "parts"):
+            out.delete_prefix(prefix)
+        out.delete(MADE_FROM_NAME)
+    old = out.get_json(MADE_FROM_NAME) if out.exists(MADE_FROM_NAME) else None
+    refuse_if_different(out.url(), "captions", old, made_from, "--overwrite")
+    if old is None:
+        out.put_json(MADE_FROM_NAME, made_from)
 
 
 def _has_errors(out: Store, stem: str) -> bool:
@@ -298,8 +333,9 @@ def finalize_caption_set(dataset_uri: str, out_uri: str, split: str | None = Non
         counts.update({"records": marker["records"], "ok": marker["ok"], "error": marker["error"]})
     if missing:
         raise IncompleteCaptionSet(f"{out_uri}: {len(missing)} shard(s) not captioned yet, e.g. {missing[0]}")
+    made_from = out.get_json(MADE_FROM_NAME) if out.exists(MADE_FROM_NAME) else None
     return out.commit_folder("", files, kind=CAPTION_SET_KIND, version=1, dataset=dataset.uri,
-                             split=split, counts=dict(counts))
+                             split=split, counts=dict(counts), made_from=made_from)
 
 
 def iter_caption_records(out_uri: str, require_complete: bool = True) -> Iterator[dict[str, Any]]:

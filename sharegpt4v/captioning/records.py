@@ -58,6 +58,8 @@ class Captioner(Protocol):
     """Anything that turns images into captions: the teacher client or a local LLaVA engine."""
 
     name: str  # recorded as `captioner`: model + version, or teacher endpoint + model
+    # Optional `identity` (dict): what decides its captions (model content, prompts, decoding). A caption
+    # set records it and refuses another captioner's records; without it, `name` identifies the captioner.
 
     def caption_batch(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
         """One result per request, in request order. Per-image failures are error results,

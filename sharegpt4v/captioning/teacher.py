@@ -29,10 +29,11 @@ from urllib.parse import urlsplit
 
 import openai
 
-from sharegpt4v.captioning.prompts import teacher_prompt
+from sharegpt4v.captioning.prompts import PROMPT_VERSION, teacher_prompt
 from sharegpt4v.captioning.records import BudgetExceeded, CaptionRequest, CaptionResult
 from sharegpt4v.config import TeacherConfig
 from sharegpt4v.errors import PlatformError
+from sharegpt4v.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class TeacherClient:
             raise TeacherError(f"teacher base URL from {cfg.base_url_env} is not an http(s) URL")
         host = parts.hostname + (f":{parts.port}" if parts.port else "")  # never any userinfo
         self.name = f"teacher:{cfg.model}@{host}"
+        # What decides its captions (a caption set records it; the endpoint may move, the model may not).
+        self.identity = {"teacher": cfg.model, "prompts": PROMPT_VERSION, "max_tokens": cfg.max_tokens,
+                         "temperature": cfg.temperature, "min_caption_chars": cfg.min_caption_chars}
         self._secret = api_key
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=cfg.timeout_s)
         self._limiter = RateLimiter(cfg.requests_per_minute, burst=min(cfg.concurrency, cfg.requests_per_minute / 60.0))
@@ -353,6 +357,7 @@ class TeacherClient:
         return delay
 
     def _redact(self, text: str) -> str:
+        text = redact_text(text)  # a URL the server quotes back: no userinfo, no signed query
         return text.replace(self._secret, "***") if self._secret else text
 
 

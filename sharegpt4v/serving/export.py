@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sharegpt4v.provenance import refuse_if_different
 from sharegpt4v.serving.repository import ADAPTER, EXPORTABLE, STREAM_MODEL, RepositoryError, model_configs
 
 REPOSITORY_KIND = "triton-model-repository"
@@ -61,6 +62,7 @@ def export_model_repository(
     recipe: Any,
     kind: str | None = None,
     tag_versions: bool = True,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Write a Triton repository for `models` ({"chat": "models:/sharegpt4v-chat@champion",
     "captioner": "models:/sharegpt4v-captioner/3" or a checkpoint URI}) under `out_uri`.
@@ -69,10 +71,14 @@ def export_model_repository(
     Returns {"uri" (with a trailing slash: the KServe storageUri), "manifest", "digest",
     "models": {name: {"ref", "checkpoint", "checkpoint_digest", "name", "version"}}}; a registry
     version also gets the tag `serving.model_repository` = the repository URI.
+
+    A complete repository already at `out_uri` is kept when it serves the same checkpoints with the
+    same configs (nothing is rewritten under a live server) and refused in one line when it serves
+    others, unless `replace`.
     """
     from sharegpt4v.modeling.builder import checkpoint_digest, materialize
-    from sharegpt4v.storage import MANIFEST_NAME, FileEntry, manifest_digest, open_store, sha256_stream
-    from sharegpt4v.tracking import _client, resolve_model
+    from sharegpt4v.storage import FileEntry, open_store, sha256_stream
+    from sharegpt4v.tracking import resolve_model
 
     if recipe.serving.engine == "vllm":
         raise RepositoryError("serving.engine=vllm serves the checkpoint itself, with no Triton repository: "
@@ -91,7 +97,17 @@ def export_model_repository(
         name: {f"lineage.{k}": v for k, v in info.items()} for name, info in resolved.items()
     })
 
+    instance_kind = kind or recipe.serving.instance_kind
+    served = {name: resolved["chat" if name == STREAM_MODEL else name] for name in configs}
+    made_from = {"models": {name: info["checkpoint_digest"] for name, info in sorted(served.items())},
+                 "configs": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in sorted(configs.items())},
+                 "adapter": hashlib.sha256(ADAPTER.encode()).hexdigest()}
     store = open_store(out_uri)
+    previous = store.read_manifest() if store.is_complete() and not replace else None
+    if previous is not None and previous.get("kind") == REPOSITORY_KIND:
+        refuse_if_different(store.url(), "a model repository", previous.get("made_from"), made_from, "--replace")
+        if previous.get("made_from") is not None:  # the same repository: keep it, do not rewrite it under a server
+            return _finish(store, previous, resolved, tag_versions)
     _clear_previous(store)
     entries: list[FileEntry] = []
 
@@ -114,15 +130,21 @@ def export_model_repository(
         put_text(f"{name}/1/model.py", ADAPTER)
         put_text(f"{name}/config.pbtxt", text)
 
-    instance_kind = kind or recipe.serving.instance_kind
-    served = {name: resolved["chat" if name == STREAM_MODEL else name] for name in configs}
     manifest = store.commit_folder(
         "", files=sorted(entries, key=lambda e: e.path), kind=REPOSITORY_KIND, instance_kind=instance_kind,
-        models=served, profile=recipe.profile,
+        models=served, profile=recipe.profile, made_from=made_from,
     )
+    return _finish(store, manifest, resolved, tag_versions)
+
+
+def _finish(store: Any, manifest: dict[str, Any], resolved: dict[str, dict[str, str]], tag_versions: bool) -> dict[str, Any]:
+    """The export's result; registry versions get tagged with the repository that serves them."""
+    from sharegpt4v.storage import MANIFEST_NAME, manifest_digest
+    from sharegpt4v.tracking import _client
+
     uri = store.url().rstrip("/") + "/"
-    result = {"uri": uri, "manifest": store.url(MANIFEST_NAME), "digest": manifest_digest(manifest), "models": served,
-              "instance_kind": instance_kind}
+    result = {"uri": uri, "manifest": store.url(MANIFEST_NAME), "digest": manifest_digest(manifest),
+              "models": manifest["models"], "instance_kind": manifest["instance_kind"]}
     if tag_versions:
         client = None
         for info in resolved.values():

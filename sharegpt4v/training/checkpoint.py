@@ -288,3 +288,45 @@ def write_json(path: Path, data: Any) -> None:
 
 def tempdir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="sharegpt4v-ckpt-")
+
+
+# What a stage's output is made from ------------------------------------------------------------
+
+# Stage settings a resumed run may change without changing what it trains: how the work is split
+# and saved, not what is learnt.
+RESUME_SAFE_FIELDS = ("micro_batch_size", "gradient_checkpointing", "zero_stage", "save_every_steps",
+                      "log_every_steps", "keep_checkpoints")
+
+
+def _folder_digest(uri: str) -> str | None:
+    from sharegpt4v import storage
+
+    try:
+        return storage.manifest_digest(storage.open_store(uri).read_manifest())
+    except storage.IncompleteFolder:
+        return None  # a folder without a manifest (e.g. a plain HF checkpoint): known by its URI only
+
+
+def stage_made_from(stage: str, recipe: Any, inputs: Any, init: str | None) -> dict[str, Any]:
+    """What a stage's checkpoints are made from: recipe, data and caption digests, init checkpoint.
+
+    The process count, micro-batch and checkpoint cadence are left out: a resume may change them.
+    """
+    import dataclasses
+
+    from sharegpt4v import storage
+    from sharegpt4v.data.shards import open_dataset
+
+    settings = {k: v for k, v in dataclasses.asdict(getattr(recipe, stage)).items() if k not in RESUME_SAFE_FIELDS}
+    data = []
+    for uri in inputs.data:
+        data.append({"digest": storage.manifest_digest(open_dataset(uri).manifest), "split": inputs.split})
+    init_digest = _folder_digest(init) if init else None
+    return {
+        "stage": stage,
+        "recipe": {"seed": recipe.seed, "precision": recipe.compute.precision,
+                   "model": dataclasses.asdict(recipe.model), stage: settings},
+        "data": data,
+        "captions": _folder_digest(inputs.captions) if inputs.captions else None,
+        "init": (init_digest or init) if init else None,
+    }

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sharegpt4v.modeling.hf_layout import write_layout
+from sharegpt4v.provenance import OutputMismatch, refuse_if_different
 from sharegpt4v.training import checkpoint as ckpt
 from sharegpt4v.training.data import DataIndex, Position, StageInputs, build_index, held_out_images, iter_batches
 
@@ -451,24 +452,42 @@ def _as_inputs(inputs: Any) -> StageInputs:
 @contextlib.contextmanager
 def _tracking_run(rank: int, name: str, params: dict[str, Any], tags: dict[str, str],
                   run_id: str | None) -> Iterator[Any]:
-    """Rank 0's MLflow run for the stage; a resumed stage continues the run its checkpoint names."""
+    """Rank 0's MLflow run for the stage; a resumed stage continues the run its checkpoint names.
+
+    Only a run the server says does not exist (another tracking server, or deleted) starts a new run,
+    with a warning and the old id as tag `resumed_from_run`; a server that fails to answer is asked
+    again a few times, then the stage fails: it never splits the loss curve silently.
+    """
     from sharegpt4v import tracking
 
     if rank != 0 or not tracking.tracking_enabled():
         yield None
         return
     if run_id:
-        import mlflow
+        mlflow = tracking._mlflow()  # pointed at $MLFLOW_TRACKING_URI, not at whatever mlflow was last given
 
-        try:
-            mlflow.get_run(run_id)
-        except Exception:  # another tracking server, or a deleted run: start a new one
-            run_id = None
-        if run_id:
+        attempts, found = 3, None
+        for attempt in range(attempts):
+            try:
+                found = mlflow.get_run(run_id)
+                break
+            except Exception as exc:
+                if tracking.is_not_found(exc):
+                    break
+                if attempt == attempts - 1:
+                    raise tracking.mlflow_error(f"{name}: resuming the checkpoint's MLflow run {run_id}", exc) from exc
+                log.warning("%s: MLflow run %s could not be read (%s); asking again", name, run_id,
+                            type(exc).__name__)
+                time.sleep(2.0 * 2**attempt)
+        if found is not None and found.info.lifecycle_stage != "deleted":
             tracking.ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.DEFAULT_EXPERIMENT)
             with mlflow.start_run(run_id=run_id) as run:
                 yield run
             return
+        log.warning("%s: the checkpoint's MLflow run %s %s; starting a new run (tag resumed_from_run=%s): the loss "
+                    "curve before the resume stays in the old run", name, run_id,
+                    "was deleted" if found is not None else "does not exist on this tracking server", run_id)
+        tags = {**tags, "resumed_from_run": run_id}
     with tracking.stage_run(name, params, tags) as run:
         yield run
 
@@ -536,13 +555,17 @@ def train_stage(stage: str, recipe: "RecipeConfig", inputs: Any, out: str, init:
             os.environ.pop(key, None)
 
 
-def _finished(out: str, stage: str) -> StageResult | None:
+def _finished(out: str, stage: str, made_from: dict[str, Any]) -> StageResult | None:
     from sharegpt4v import storage
 
     store = storage.open_store(out)
     if not store.is_complete("final"):
         return None
     m = store.read_manifest("final")
+    if m.get("made_from") and m.get("stage") != stage:
+        raise OutputMismatch(f"{store.url('final')}: holds a {m.get('stage')} model, not {stage}; "
+                             "train each stage into its own output")
+    refuse_if_different(store.url("final"), f"a {stage} model", m.get("made_from"), made_from, "--no-resume")
     if m.get("stage") != stage or "steps" not in m:
         return None
     return StageResult(store.url("final"), int(m["steps"]), float(m["final_loss"]), int(m["samples_seen"]),
@@ -556,8 +579,9 @@ def _train(stage: str, recipe: "RecipeConfig", s: "StageConfig", inputs: StageIn
     from sharegpt4v.modeling.builder import materialize, tokenizer_of
 
     store = storage.open_store(out)
+    made_from = ckpt.stage_made_from(stage, recipe, inputs, init)
     if resume:
-        done = _finished(out, stage)
+        done = _finished(out, stage, made_from)
         if done is not None:
             log.info("%s: %s is complete (%d steps); nothing to do", stage, done.checkpoint_uri, done.steps)
             return done
@@ -575,6 +599,8 @@ def _train(stage: str, recipe: "RecipeConfig", s: "StageConfig", inputs: StageIn
     state: dict[str, Any] | None = None
     folder: Path | None = None
     if resume_uri:
+        refuse_if_different(resume_uri, f"a {stage} checkpoint", storage.open_store(resume_uri).read_manifest().get("made_from"),
+                            made_from, "--no-resume")
         folder = _local_first(local_rank, lambda: materialize(resume_uri, require_manifest=True))
         state = ckpt.read_state(folder)
         log.info("%s: resuming from %s (step %d of %d)", stage, resume_uri, state["step"], total)
@@ -629,7 +655,8 @@ def _train(stage: str, recipe: "RecipeConfig", s: "StageConfig", inputs: StageIn
                   "run.engine": engine.kind, "run.total_steps": total, "run.examples": len(index),
                   "run.gradient_accumulation_steps": engine.accumulation}
     tags = {"stage": stage, "output": out, **({"init": init} if init else {})}
-    ctx = _Context(stage, recipe, s, inputs, out, init, index, engine, processor, named, rank, world, total)
+    ctx = _Context(stage, recipe, s, inputs, out, init, index, engine, processor, named, rank, world, total,
+                   made_from=made_from)
 
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(_tracking_run(rank, stage, run_params, tags, run_id))
@@ -743,6 +770,7 @@ class _Context:
     world: int
     total: int
     run_id: str | None = None
+    made_from: dict[str, Any] | None = None  # recorded in every manifest: a rerun refuses other inputs
 
     def _write(self, name: str, meta: dict[str, Any], state: dict[str, Any] | None) -> str:
         """Write `out/<name>/` from every rank; rank 0 commits the manifest last. Collective."""
@@ -799,7 +827,7 @@ class _Context:
 
     def save(self, step: int, state: dict[str, Any]) -> str:
         uri = self._write(ckpt.checkpoint_name(step), {"kind": ckpt.CHECKPOINT_KIND, "stage": self.stage, "step": step,
-                                                        "total_steps": self.total}, state)
+                                                        "total_steps": self.total, "made_from": self.made_from}, state)
         if self.rank == 0:
             log.info("%s: checkpoint %s", self.stage, uri)
             ckpt.prune_checkpoints(self.out, max(1, self.s.keep_checkpoints))
@@ -810,7 +838,7 @@ class _Context:
         meta = {"kind": ckpt.FINAL_KIND, "stage": self.stage, "steps": result.steps, "final_loss": result.final_loss,
                 "samples_seen": result.samples_seen, "flagged_samples": result.flagged_samples, "flagged": result.flagged,
                 "examples": result.examples, "run_id": result.run_id, "data": self.inputs.data,
-                "captions": self.inputs.captions, "init": self.init}
+                "captions": self.inputs.captions, "init": self.init, "made_from": self.made_from}
         uri = self._write("final", meta, None)
         if self.rank == 0:
             log.info("%s: final model %s", self.stage, uri)

@@ -38,6 +38,21 @@ def test_caption_run_with_a_saved_tiny_captioner(tmp_path: Path, s3_uri: str) ->
     assert all(r["captioner"].startswith(f"llava:{model_uri}@") for r in records)
     assert all(0 < r["completion_tokens"] <= 6 for r in records if r["status"] == "ok")
 
+    # the same set with other decoding is another caption set: refused in one line, replaced only when asked
+    def rerun(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "sharegpt4v", "caption", "run", "--input", world, "--out", out, "--model", model_uri,
+             "--json", "captioning.max_new_tokens=8", "captioning.batch_size=8", *extra],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )
+    refused = rerun()
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "captioner.max_new_tokens: 6 -> 8" in refused.stderr and "--overwrite" in refused.stderr
+    assert list(iter_caption_records(out)) == records
+    replaced = rerun("--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads(replaced.stdout)["captioned"] == 24
+
 
 def test_caption_run_with_a_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
     world = str(tmp_path / "world")

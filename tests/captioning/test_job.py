@@ -20,6 +20,7 @@ from sharegpt4v.captioning.job import (
 )
 from sharegpt4v.config import WorldConfig
 from sharegpt4v.data.shards import open_dataset, sample_meta
+from sharegpt4v.provenance import OutputMismatch
 from sharegpt4v.world.generate import generate_world
 from tests.captioning.doubles import (
     EchoCaptioner,
@@ -195,3 +196,28 @@ def test_records_are_in_shard_order(world: str, tmp_path: Path) -> None:
     assert [r["id"] for r in iter_caption_records(out)] == order
     marker = json.loads((tmp_path / "captions" / "records" / "train-000000.done.json").read_text())
     assert marker["records"] == 5
+
+
+class _OtherCaptioner(EchoCaptioner):
+    name = "another-captioner:test"
+
+
+def test_another_captioner_is_refused_unless_the_set_is_overwritten(world: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "captions")
+    run_caption_job(world, out, EchoCaptioner(), batch_size=8, progress=False)
+    assert storage.open_store(out).read_manifest()["made_from"]["captioner"] == {"name": EchoCaptioner.name}
+    other = _OtherCaptioner()
+    with pytest.raises(OutputMismatch, match=r"captioner\.name: echo-captioner:test -> another-captioner:test") as err:
+        run_caption_job(world, out, other, batch_size=8, progress=False)
+    assert "--overwrite" in str(err.value) and "\n" not in str(err.value) and other.calls == 0
+    with pytest.raises(OutputMismatch, match=r"split: all -> test"):  # another input is another set too
+        run_caption_job(world, out, EchoCaptioner(), batch_size=8, split="test", progress=False)
+
+    # identity, when a captioner has one, is what counts (e.g. the checkpoint digest, not its URI)
+    same = EchoCaptioner()
+    same.identity = {"name": EchoCaptioner.name}
+    assert run_caption_job(world, out, same, batch_size=8, progress=False).captioned == 0
+
+    replaced = run_caption_job(world, out, other, batch_size=8, progress=False, overwrite=True)
+    assert replaced.complete and replaced.captioned == len(_input(world))
+    assert {r["captioner"] for r in iter_caption_records(out)} == {other.name}

@@ -55,4 +55,4 @@ def test_eval_run_on_a_registered_model_and_promote(tmp_path: Path, mlflow_sqlit
 
 def test_eval_run_without_a_data_source_fails_clearly(tmp_path: Path) -> None:
     result = cli("eval", "run", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
-    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr  # a usage error

@@ -57,7 +57,7 @@ def test_recurring_run_reuses_the_experiment_and_sends_the_cron_trigger() -> Non
 
 
 def test_unknown_pipeline_and_bad_parameters_fail_with_one_line(capsys) -> None:
-    assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--pipeline", "nope"]) == 1
+    assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--pipeline", "nope"]) == 2  # usage errors
     assert "no compiled pipeline 'nope'" in capsys.readouterr().err
-    assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--param", "novalue"]) == 1
+    assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--param", "novalue"]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err

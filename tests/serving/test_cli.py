@@ -175,9 +175,9 @@ def test_serve_local_refuses_an_incomplete_repository(s3_uri: str, tmp_path: Pat
 def test_export_refuses_unknown_models_and_foreign_prefixes(
     checkpoint: str, s3_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    assert main(["serve", "export", "--model", f"detector={checkpoint}", "--out", f"{s3_uri}/r"]) == 1
-    assert "model 'detector': not a served model (known: captioner, chat)" in capsys.readouterr().err
-    assert main(["serve", "export", "--model", "chat", "--out", f"{s3_uri}/r"]) == 1
+    assert main(["serve", "export", "--model", f"detector={checkpoint}", "--out", f"{s3_uri}/r"]) == 2  # usage errors
+    assert "'detector' is not a served model (known: captioner, chat)" in capsys.readouterr().err
+    assert main(["serve", "export", "--model", "chat", "--out", f"{s3_uri}/r"]) == 2
     assert "expected NAME=REF" in capsys.readouterr().err
     storage.open_store(f"{s3_uri}/data").put_bytes("shard-0000.tar", b"not yours")
     assert main(["serve", "export", "--model", f"chat={checkpoint}", "--out", f"{s3_uri}/data"]) == 1

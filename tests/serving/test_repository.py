@@ -17,6 +17,7 @@ from sharegpt4v import storage
 from sharegpt4v.config import load_recipe
 from sharegpt4v.errors import PlatformError
 from sharegpt4v.modeling.builder import save_model
+from sharegpt4v.provenance import OutputMismatch
 from sharegpt4v.serving.export import export_model_repository
 from sharegpt4v.serving.protocol import ServingOptions
 from sharegpt4v.serving.repository import ADAPTER, RepositoryError, committed_files, model_configs, serving_dir
@@ -127,8 +128,17 @@ def test_export_writes_the_manifest_last_and_replaces_an_earlier_export(
     assert result["instance_kind"] == "KIND_CPU" and manifest["kind"] == "triton-model-repository"
     assert result["models"]["captioner"]["checkpoint"] == checkpoint and "version" not in result["models"]["captioner"]
 
-    # A second export replaces the first: nothing of the captioner is left to be served.
-    again = export_model_repository({"chat": checkpoint}, out, dataclasses.replace(recipe), kind="KIND_GPU")
+    # The same export again keeps the repository as it is (nothing rewritten under a live server) ...
+    written.clear()
+    assert export_model_repository({"captioner": checkpoint, "chat": checkpoint}, out, recipe) == result
+    assert written == []
+    # ... another one is refused in one line, naming what differs ...
+    with pytest.raises(OutputMismatch, match=r"repository made from something else \(configs\.chat: [0-9a-f]{12} -> [0-9a-f]{12}.*--replace") as err:
+        export_model_repository({"chat": checkpoint}, out, dataclasses.replace(recipe), kind="KIND_GPU")
+    assert "\n" not in str(err.value) and storage.open_store(out).read_manifest() == manifest
+    # ... unless asked: the second export then replaces the first, nothing of the captioner is left to be served.
+    again = export_model_repository({"chat": checkpoint}, out, dataclasses.replace(recipe), kind="KIND_GPU",
+                                    replace=True)
     files = {p.relative_to(out).as_posix() for p in Path(out).rglob("*") if p.is_file()}
     assert not any(f.startswith("captioner/") for f in files) and "chat/1/weights/model.safetensors" in files
     assert again["digest"] != result["digest"] and "kind: KIND_GPU" in (Path(out) / "chat" / "config.pbtxt").read_text()

@@ -52,4 +52,4 @@ def test_trainjob_is_printed_not_run(tmp_path: Path) -> None:
     assert "kind: TrainJob" in result.stdout and "numProcPerNode: 8" in result.stdout
     missing = subprocess.run([sys.executable, "-m", "sharegpt4v", "train", "sft", "--data", "x", "--out", "y",
                               "--trainjob"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert missing.returncode == 1 and "--image" in missing.stderr
+    assert missing.returncode == 2 and "--image" in missing.stderr  # a usage error

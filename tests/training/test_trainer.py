@@ -15,12 +15,14 @@ import torch
 from safetensors import safe_open
 
 from sharegpt4v import storage
-from sharegpt4v.config import load_recipe
+from sharegpt4v.config import WorldConfig, load_recipe
 from sharegpt4v.modeling.builder import load_model
+from sharegpt4v.provenance import OutputMismatch
 from sharegpt4v.training.checkpoint import latest_checkpoint, list_checkpoints
 from sharegpt4v.training.data import StageInputs, build_index, iter_examples
 from sharegpt4v.training.run import launch
 from sharegpt4v.training.trainer import lr_factor, total_steps, train_stage, vision_layers
+from sharegpt4v.world.generate import generate_world
 from tests.training.conftest import trace_records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,3 +223,36 @@ def test_checkpoints_on_s3_resume_and_ignore_incomplete(world: str, s3_uri: str,
     assert [r["loss"] for r in after] == pytest.approx([r["loss"] for r in before[4:]], rel=1e-5)
     assert again.steps == 6 and again.final_loss == pytest.approx(first.final_loss, rel=1e-5)
     assert [(c.step, c.complete) for c in list_checkpoints(s3_uri)] == [(4, True)]  # the partial one is gone
+
+
+def test_an_output_made_from_other_inputs_is_refused_not_returned(world: str, tmp_path: Path) -> None:
+    """A rerun into `out` returns its result only when recipe, data and init are the same; else one line."""
+    base = [*FAST, "pretrain.max_steps=4", "pretrain.global_batch_size=4", "pretrain.micro_batch_size=4",
+            "pretrain.max_samples=16", "pretrain.save_every_steps=2"]
+    out = str(tmp_path / "out")
+    first = train_stage("pretrain", load_recipe("tiny", base), StageInputs([world]), out)
+    # what a resume may change (micro-batch, checkpoint cadence) is not a different result
+    same = load_recipe("tiny", [*base, "pretrain.micro_batch_size=2", "pretrain.save_every_steps=0"])
+    assert train_stage("pretrain", same, StageInputs([world]), out) == first
+
+    other_lr = load_recipe("tiny", [*base, "pretrain.learning_rate=0.0005"])
+    with pytest.raises(OutputMismatch, match=r"pretrain\.learning_rate: 0\.002 -> 0\.0005.*--no-resume") as err:
+        train_stage("pretrain", other_lr, StageInputs([world]), out)
+    assert "\n" not in str(err.value) and "final" in str(err.value)
+    other_world = str(tmp_path / "other-world")
+    generate_world(other_world, 40, 1, WorldConfig(samples_per_shard=16), progress=False)
+    with pytest.raises(OutputMismatch, match=r"data\.0\.digest"):
+        train_stage("pretrain", load_recipe("tiny", base), StageInputs([other_world]), out)
+    with pytest.raises(OutputMismatch, match=r"init: none -> "):
+        train_stage("pretrain", load_recipe("tiny", base), StageInputs([world]), out, init=first.checkpoint_uri)
+    with pytest.raises(OutputMismatch, match=r"holds a pretrain model, not sft"):
+        train_stage("sft", load_recipe("tiny", base), StageInputs([world]), out)
+
+    # a killed run (final/ gone, a checkpoint left) does not resume under another recipe either
+    storage.open_store(out).delete("final/manifest.json")
+    with pytest.raises(OutputMismatch, match=r"checkpoint-2: holds a pretrain checkpoint"):
+        train_stage("pretrain", other_lr, StageInputs([world]), out)
+    # starting over is explicit, and then the new recipe is what `out` holds
+    again = train_stage("pretrain", other_lr, StageInputs([world]), out, resume=False)
+    assert storage.open_store(out).read_manifest("final")["made_from"]["recipe"]["pretrain"]["learning_rate"] == 0.0005
+    assert train_stage("pretrain", other_lr, StageInputs([world]), out) == again
