@@ -137,7 +137,8 @@ def start_pipeline_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params
     from mlflow.entities import Param
 
     logged = client.get_run(run_id).data.params
-    fresh = [Param(f"pipeline.{k}", str(v)[:6000]) for k, v in sorted(params.items()) if f"pipeline.{k}" not in logged]
+    fresh = [Param(f"pipeline.{k}", v) for k, v in sorted(tracking.redacted(params).items())
+             if f"pipeline.{k}" not in logged]
     if fresh:
         client.log_batch(run_id, params=fresh)
     return run_id
@@ -152,7 +153,7 @@ def finish_pipeline_run(kfp_run_id: str, state: str, error: str = "") -> str:
     status = "FINISHED" if state.upper() == "SUCCEEDED" else "FAILED"
     client.set_tag(run_id, "kfp.state", state)
     if error:
-        client.set_tag(run_id, "kfp.error", error[:5000])
+        client.set_tag(run_id, "kfp.error", tracking.redacted({"error": error}, 5000)["error"])
     client.set_terminated(run_id, status)
     return status
 
@@ -362,8 +363,10 @@ def _register_once(stage: str, checkpoint: str, run_id: str | None, lineage: dic
     client = _client()
     try:
         versions = client.search_model_versions(f"name='{name}'")
-    except Exception:  # the registered model does not exist yet
-        versions = []
+    except Exception as exc:
+        if not tracking.is_not_found(exc):  # only "no such model" means no versions; a failure is not that
+            raise tracking.mlflow_error(f"looking up the versions of model {name!r}", exc) from exc
+        versions = []  # the registered model does not exist yet
     for version in versions:
         if version.source == checkpoint:
             client.set_registered_model_alias(name, "candidate", version.version)

@@ -176,14 +176,15 @@ class Store:
 
     def get_file(self, key: str, local_path: str | Path) -> None:
         local_path = Path(local_path)
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local_path.with_name(f".{local_path.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
-        try:
-            with self.open(key) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)
-            os.replace(tmp, local_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self.open(key) as src:  # an unsafe or missing key fails here, before any local folder exists
+            local_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local_path.with_name(f".{local_path.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+            try:
+                with open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+                os.replace(tmp, local_path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def put_json(self, key: str, obj: Any) -> None:
         self.put_bytes(key, json_bytes(obj))
@@ -405,6 +406,15 @@ def s3_client() -> Any:
     return client
 
 
+# Per-key DeleteObjects error codes worth sending again (the rest are permanent: AccessDenied, ...).
+_TRANSIENT_DELETE_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
+
+
+def _backoff_delay(attempt: int) -> float:
+    """Seconds before retry `attempt` (0-based): exponential, capped at 8 s, with jitter."""
+    return min(8.0, 0.2 * 2**attempt) * (0.5 + random.random())
+
+
 class S3Store(Store):
     def __init__(self, bucket: str, prefix: str = ""):
         self.bucket = bucket
@@ -522,9 +532,30 @@ class S3Store(Store):
     def delete_prefix(self, prefix: str) -> int:
         keys = [self._key(info.key) for info in self.list(prefix)]
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[start : start + 1000]]
-            self._call(self.client.delete_objects, prefix, Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            self._delete_batch(prefix, keys[start : start + 1000])
         return len(keys)
+
+    def _delete_batch(self, prefix: str, keys: list[str], attempts: int = 5) -> None:
+        """One DeleteObjects call (<= 1000 keys). Its answer lists the keys it failed to delete: transient
+        failures are sent again with backoff, any other failure raises naming the first failed key."""
+        pending = keys
+        for attempt in range(attempts):
+            batch = [{"Key": k} for k in pending]
+            response = self._call(self.client.delete_objects, prefix, Bucket=self.bucket,
+                                  Delete={"Objects": batch, "Quiet": True})
+            errors = [e for e in response.get("Errors") or [] if e.get("Code") != "NoSuchKey"]  # gone is deleted
+            if not errors:
+                return
+            permanent = [e for e in errors if e.get("Code") not in _TRANSIENT_DELETE_CODES]
+            if permanent or attempt == attempts - 1:
+                first = (permanent or errors)[0]
+                again = f" after {attempts} attempts" if not permanent else ""
+                raise StoreError(
+                    f"{self.url(prefix)}: {len(errors)} of {len(pending)} objects not deleted{again}; first: "
+                    f"s3://{self.bucket}/{first.get('Key', '?')} ({first.get('Code', '?')}: {first.get('Message', '')})"
+                )
+            pending = [e["Key"] for e in errors]
+            time.sleep(_backoff_delay(attempt))
 
 
 class _S3ReadStream(io.RawIOBase):

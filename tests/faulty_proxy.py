@@ -2,7 +2,8 @@
 
 It forwards requests byte-for-byte (the Host header included, so SigV4 signatures still
 verify) and can, on demand: answer the next N requests with an error status, delay every
-request, or cut the body of the next GET after some bytes (a connection reset mid-stream).
+request, cut the body of the next GET after some bytes (a connection reset mid-stream), or
+rewrite the body of the server's answers (`rewrite`: (method, path, body) -> new body or None).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import http.client
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -24,6 +26,7 @@ class FaultyProxy:
         self.truncate_remaining = 0
         self.truncate_after = 0
         self.delay = 0.0
+        self.rewrite: Callable[[str, str, bytes], bytes | None] | None = None
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.faults_served = 0
         proxy = self
@@ -83,8 +86,17 @@ class FaultyProxy:
                     conn.send(body)
                 response = conn.getresponse()
                 data = response.read()
+                rewrite = proxy.rewrite
+                if rewrite is not None and self.command != "HEAD":
+                    changed = rewrite(self.command, self.path, data)
+                    if changed is not None:
+                        with proxy.lock:
+                            proxy.faults_served += 1
+                        data = changed
                 self.send_response(response.status)
                 for key, value in response.getheaders():
+                    if key.lower() == "content-length" and self.command != "HEAD":
+                        value = str(len(data))
                     if key.lower() not in ("transfer-encoding", "connection"):
                         self.send_header(key, value)
                 self.end_headers()

@@ -57,3 +57,43 @@ def test_content_keys_follow_what_determines_the_output() -> None:
     assert key == steps.content_key("pretrain", "digest-a", {"lr": 1e-3}) and len(key) == 12
     assert key != steps.content_key("pretrain", "digest-b", {"lr": 1e-3})
     assert key != steps.content_key("pretrain", "digest-a", {"lr": 2e-3})
+
+
+def test_a_checkpoint_is_registered_once_and_registry_failures_surface(mlflow_sqlite: str, monkeypatch) -> None:
+    """Only "no such model" reads as "no versions yet": any other registry failure stops the task (a
+    failed lookup must not register the same checkpoint a second time)."""
+    import pytest
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
+
+    from sharegpt4v.errors import PlatformError
+
+    client = MlflowClient(mlflow_sqlite)
+    first = steps._register_once("pretrain", "s3://ckpt/pretrain-a/final", None, {"dataset": "s3://d"})
+    assert steps._register_once("pretrain", "s3://ckpt/pretrain-a/final", None, {}) == first
+    search = MlflowClient.search_model_versions
+
+    def failing(self, *args, **kwargs):
+        raise MlflowException("INTERNAL_ERROR: Response: {'error': 'upstream connect error'}", error_code=INTERNAL_ERROR)
+
+    monkeypatch.setattr(MlflowClient, "search_model_versions", failing)
+    with pytest.raises(PlatformError, match=r"looking up the versions of model 'sharegpt4v-pretrained': MLflow at "
+                                            r"\S+ failed: INTERNAL_ERROR: Response: .*upstream connect error"):
+        steps._register_once("pretrain", "s3://ckpt/pretrain-a/final", None, {})
+    monkeypatch.setattr(MlflowClient, "search_model_versions", search)
+    assert [str(v.version) for v in client.search_model_versions("name='sharegpt4v-pretrained'")] == ["1"]
+
+    def absent(self, *args, **kwargs):
+        raise MlflowException("Registered Model with name=sharegpt4v-chat not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    monkeypatch.setattr(MlflowClient, "search_model_versions", absent)
+    assert steps._register_once("sft", "s3://ckpt/sft-a/final", None, {})["version"] == "1"
+
+
+def test_pipeline_params_and_errors_carry_no_url_credentials(mlflow_sqlite: str) -> None:
+    teacher = "https://user:pass@teacher.example.com/v1?sig=s3cr3t"
+    run_id = steps.start_pipeline_run("sharegpt4v", "kfp-run-8", "run-8", {"teacher_endpoint": teacher})
+    steps.finish_pipeline_run("kfp-run-8", "FAILED", f"teacher {teacher} refused the key")
+    data = MlflowClient(mlflow_sqlite).get_run(run_id).data
+    assert data.params["pipeline.teacher_endpoint"] == "https://teacher.example.com/v1?sig=REDACTED"
+    assert data.tags["kfp.error"] == "teacher https://teacher.example.com/v1?sig=REDACTED refused the key"

@@ -246,3 +246,65 @@ def test_boto3_sees_the_same_objects(s3_uri: str) -> None:
     bucket, prefix = s3_uri[5:].split("/", 1)
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
     assert client.get_object(Bucket=bucket, Key=f"{prefix}/plain.txt")["Body"].read() == b"interop"
+
+
+# per-key failures of DeleteObjects, local folders of get_file ------------------------------------
+
+
+def _fail_deletes(proxy: FaultyProxy, key: str, code: str, times: int) -> list[int]:
+    """Make the next `times` DeleteObjects answers list `key` as failed with `code` (the server did
+    delete it: the answer is what the proxy changes). Returns a counter of DeleteObjects calls."""
+    calls = [0]
+
+    def rewrite(method: str, path: str, body: bytes) -> bytes | None:
+        if method != "POST" or "delete" not in path:
+            return None
+        calls[0] += 1
+        if calls[0] > times:
+            return None
+        error = f"<Error><Key>{key}</Key><Code>{code}</Code><Message>injected {code}</Message></Error>"
+        return body.replace(b"</DeleteResult>", error.encode() + b"</DeleteResult>")
+
+    proxy.rewrite = rewrite
+    return calls
+
+
+def _three_objects(s3_uri: str):
+    store = open_store(s3_uri)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        store.put_bytes(f"dir/{name}", b"x")
+    return store, f"{s3_uri[len('s3://test-bucket/'):]}/dir/b.txt"
+
+
+def test_delete_prefix_retries_keys_that_failed_transiently(proxy, s3_uri: str, monkeypatch) -> None:
+    monkeypatch.setattr(storage, "_backoff_delay", lambda attempt: 0.0)
+    store, failing = _three_objects(s3_uri)
+    calls = _fail_deletes(proxy, failing, "InternalError", times=2)
+    assert store.delete_prefix("dir") == 3
+    assert calls[0] == 3  # the batch, then the failed key twice more
+    assert list(store.list()) == []
+
+
+def test_delete_prefix_raises_on_a_key_that_failed(proxy, s3_uri: str, monkeypatch) -> None:
+    monkeypatch.setattr(storage, "_backoff_delay", lambda attempt: 0.0)
+    store, failing = _three_objects(s3_uri)
+    calls = _fail_deletes(proxy, failing, "AccessDenied", times=1)
+    with pytest.raises(StoreError, match=rf"1 of 3 objects not deleted; first: s3://test-bucket/{failing} "
+                                         r"\(AccessDenied: injected AccessDenied\)"):
+        store.delete_prefix("dir")
+    assert calls[0] == 1  # a permanent failure is not sent again
+
+    store.put_bytes("dir/b.txt", b"x")
+    calls = _fail_deletes(proxy, failing, "SlowDown", times=100)
+    with pytest.raises(StoreError, match=r"1 of 1 objects not deleted after 5 attempts; .*SlowDown"):
+        store.delete_prefix("dir")
+    assert calls[0] == 5
+
+
+@pytest.mark.parametrize("key", ["../escape.txt", "missing/file.txt"])
+def test_get_file_with_a_bad_key_creates_no_folder(store_uri: str, tmp_path, key: str) -> None:
+    store = open_store(store_uri)
+    store.put_bytes("present.txt", b"x")
+    with pytest.raises((ValueError, ObjectNotFound)):
+        store.get_file(key, tmp_path / "down" / "deeper" / "file.txt")
+    assert not (tmp_path / "down").exists()

@@ -115,3 +115,32 @@ def test_runs_nest_under_a_parent_run_of_another_process(mlflow_sqlite: str, mon
     assert parent_of == {task.info.run_id: pipeline, stage.info.run_id: task.info.run_id,
                          launched.info.run_id: task.info.run_id}
     assert client.get_run(pipeline).info.status == "RUNNING"  # only its owner ends it
+
+
+def test_params_and_tags_carry_no_url_credentials(mlflow_sqlite: str) -> None:
+    """A teacher URL with userinfo and a signed query is recorded without them (so is any tag)."""
+    teacher = "https://user:pass@teacher.example.com/v1?sig=s3cr3t&deployment=vlm"
+    with tracking.stage_run("seed-captions", {"teacher_endpoint": teacher, "dataset": "s3://b/world"},
+                            tags={"endpoint": "http://admin:hunter2@mlflow:5000/?token=t0k"}) as run:
+        pass
+    got = MlflowClient(mlflow_sqlite).get_run(run.info.run_id).data
+    assert got.params == {"teacher_endpoint": "https://teacher.example.com/v1?sig=REDACTED&deployment=vlm",
+                          "dataset": "s3://b/world"}
+    assert got.tags["endpoint"] == "http://mlflow:5000/?token=REDACTED"
+    recorded = " ".join([*got.params.values(), *got.tags.values()])
+    assert not any(secret in recorded for secret in ("pass", "s3cr3t", "hunter2", "t0k"))
+
+
+def test_a_registry_failure_names_the_model_and_its_cause(mlflow_sqlite: str, monkeypatch) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from sharegpt4v.errors import PlatformError
+
+    def unavailable(self, *args, **kwargs):
+        raise MlflowException("database is locked\n(details on the next lines)", error_code=TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", unavailable)
+    with pytest.raises(PlatformError, match=r"registering s3://ckpt/sft/final as model 'sharegpt4v-chat': MLflow at "
+                                            r"sqlite:///.* failed: TEMPORARILY_UNAVAILABLE: database is locked$"):
+        tracking.register_checkpoint("sft", "s3://ckpt/sft/final")

@@ -219,7 +219,7 @@ def test_prod_is_bigger_and_has_basic_auth(rendered) -> None:
     assert _one(rendered["dev"], "Deployment", "mlflow")["spec"]["replicas"] == 1
     start = _one(rendered["prod"], "ConfigMap", "mlflow-scripts")["data"]["start.sh"]
     assert "--app-name basic-auth" in start and "MLFLOW_AUTH_CONFIG_PATH" in start
-    assert "--artifacts-destination" in start and "--backend-store-uri" in start
+    assert "--artifacts-destination" in start and "MLFLOW_BACKEND_STORE_URI" in start
     # MLflow 3 refuses Host headers it does not know: the in-cluster name clients use must be allowed.
     allowed = env["prod"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     host = cluster.MLFLOW_TRACKING_URI.split("//")[1]
@@ -342,3 +342,61 @@ def test_manifests_name_no_machine_paths() -> None:
     for path in list(MANIFESTS.rglob("*")) + list((REPO / "images").rglob("*")):
         if path.is_file():
             assert not re.search(r"/(home/(?!sharegpt4v|mlflow)|Users/|work/)", path.read_text()), path
+
+
+_SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_reaches_a_command_line_or_a_plain_value(rendered, overlay: str) -> None:
+    """Passwords and keys reach containers only as Secret-backed environment variables: never in `command` or
+    `args` (`ps` shows them, so does the pod spec), neither as text nor as a `$(VAR)` that Kubernetes expands."""
+    import base64
+
+    objects = rendered[overlay]
+    secrets = {name: {k: base64.b64decode(v).decode() for k, v in o.get("data", {}).items()}
+               for name, o in _by_kind(objects, "Secret").items()}
+    values = {v for data in secrets.values() for k, v in data.items() if _SECRET_KEY.search(k)}
+    assert "change-me-postgres-password" in values
+    for obj in objects:
+        for where, container, _ in containers(obj):
+            env = container.get("env", [])
+            from_secrets = {e["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+            from_secrets |= {k for source in container.get("envFrom", []) if "secretRef" in source
+                             for k in secrets[source["secretRef"]["name"]]}
+            argv = "\n".join(map(str, [*container.get("command", []), *container.get("args", [])]))
+            plain = "\n".join(str(e.get("value", "")) for e in env)
+            for value in values:
+                assert value not in argv and value not in plain, f"{where}: a Secret's value in its spec"
+            for ref in re.findall(r"\$\((\w+)\)", argv):
+                assert ref not in from_secrets, f"{where}: $({ref}) puts a Secret on the command line"
+
+
+def test_mlflow_reads_its_database_uri_from_the_environment(rendered) -> None:
+    """The Postgres password is in MLFLOW_BACKEND_STORE_URI (which `mlflow server` reads for --backend-store-uri),
+    built by Kubernetes from Secret-backed entries before it; start.sh puts no database URI on a command line."""
+    import base64
+
+    from mlflow.cli import server
+
+    (option,) = [p for p in server.params if "--backend-store-uri" in getattr(p, "opts", [])]
+    assert option.envvar == "MLFLOW_BACKEND_STORE_URI"
+    for overlay in OVERLAYS:
+        (container,) = _one(rendered[overlay], "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+        assert not any(s.get("secretRef", {}).get("name") == "sharegpt4v-postgres" for s in container.get("envFrom", []))
+        env = container["env"]
+        names = [e["name"] for e in env]
+        uri = env[names.index("MLFLOW_BACKEND_STORE_URI")]["value"]
+        refs = re.findall(r"\$\((\w+)\)", uri)
+        assert "POSTGRES_PASSWORD" in refs
+        postgres = {k: base64.b64decode(v).decode()
+                    for k, v in _one(rendered[overlay], "Secret", "sharegpt4v-postgres")["data"].items()}
+        for ref in refs:  # Kubernetes expands $(VAR) only from entries defined before this one
+            assert names.index(ref) < names.index("MLFLOW_BACKEND_STORE_URI"), ref
+            assert env[names.index(ref)]["valueFrom"]["secretKeyRef"] == {"name": "sharegpt4v-postgres", "key": ref}
+        expanded = re.sub(r"\$\((\w+)\)", lambda m: postgres[m.group(1)], uri)
+        assert expanded == "postgresql://mlflow:change-me-postgres-password@postgres:5432/mlflow"
+        start = _one(rendered[overlay], "ConfigMap", "mlflow-scripts")["data"]["start.sh"]
+        code = "\n".join(line for line in start.splitlines() if not line.lstrip().startswith("#"))
+        assert "--backend-store-uri" not in code and "postgresql://" not in code and "POSTGRES_PASSWORD}" not in code
+        assert "database_uri = ${MLFLOW_BACKEND_STORE_URI}_auth" in start
