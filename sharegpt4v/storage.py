@@ -53,6 +53,15 @@ class CredentialsError(StoreError):
     pass
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached, or kept failing (5xx, throttling, timeouts) after the retries.
+
+    An outage, never a sample's fault: a job stops on it with this one line and publishes nothing
+    partial; a rerun continues. Only content problems (a missing or undecodable object) become
+    per-sample error records.
+    """
+
+
 class IncompleteFolder(StoreError):
     """The folder has no manifest yet: it is being written, or its writer died."""
 
@@ -359,6 +368,8 @@ class LocalStore(Store):
 
 # S3 ------------------------------------------------------------------------------------
 
+# S3 error codes that mean "the service is overloaded or down", whatever the HTTP status says.
+_OUTAGE_CODES = ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling")
 _ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 _clients: dict[tuple[Any, ...], Any] = {}
 _clients_lock = threading.Lock()
@@ -445,7 +456,7 @@ class S3Store(Store):
                 "(from a Kubernetes Secret in cluster)"
             )
         if isinstance(exc, EndpointConnectionError):
-            return StoreError(f"{where}: cannot reach S3 endpoint {endpoint}")
+            return StoreUnavailable(f"{where}: cannot reach S3 endpoint {endpoint}")
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -458,8 +469,11 @@ class S3Store(Store):
                     f"{where}: S3 refused the request ({code or status}); check AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY and the bucket policy"
                 )
+            if (isinstance(status, int) and status >= 500) or code in _OUTAGE_CODES:
+                return StoreUnavailable(f"{where}: S3 error {code or status} (HTTP {status}), still failing after retries")
             return StoreError(f"{where}: S3 error {code or status}")
-        return StoreError(f"{where}: {type(exc).__name__}: {exc}")
+        # timeouts, dropped connections, ...: botocore retried them already
+        return StoreUnavailable(f"{where}: {type(exc).__name__}: {exc}")
 
     def _call(self, fn: Any, key: str | None = None, **kwargs: Any) -> Any:
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sharegpt4v import services
+from tests.faulty_proxy import FaultyProxy
 
 TEST_BUCKET = "test-bucket"
 
@@ -31,6 +32,15 @@ def s3_env(s3_server: services.LocalS3, monkeypatch: pytest.MonkeyPatch) -> dict
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("SHAREGPT4V_S3_MAX_ATTEMPTS", "4")
     return s3_server.env
+
+
+@pytest.fixture
+def proxy(s3_server: services.LocalS3, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyProxy]:
+    """The S3 server behind a fault-injecting proxy (tests/faulty_proxy.py), as this test's endpoint."""
+    proxy = FaultyProxy(s3_server.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.close()
 
 
 @pytest.fixture

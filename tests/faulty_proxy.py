@@ -1,7 +1,8 @@
 """A fault-injecting HTTP reverse proxy in front of the real S3 server (a test double).
 
 It forwards requests byte-for-byte (the Host header included, so SigV4 signatures still
-verify) and can, on demand: answer the next N requests with an error status, delay every
+verify) and can, on demand: answer the next N requests (or those `fail_when` picks) with an
+error status, delay every
 request, cut the body of the next GET after some bytes (a connection reset mid-stream), or
 rewrite the body of the server's answers (`rewrite`: (method, path, body) -> new body or None).
 """
@@ -27,6 +28,7 @@ class FaultyProxy:
         self.truncate_after = 0
         self.delay = 0.0
         self.rewrite: Callable[[str, str, bytes], bytes | None] | None = None
+        self.fail_when: Callable[[str, str], bool] | None = None  # (method, path) -> answer with fail_status
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.faults_served = 0
         proxy = self
@@ -62,6 +64,9 @@ class FaultyProxy:
                     fail = proxy.fail_remaining > 0
                     if fail:
                         proxy.fail_remaining -= 1
+                    elif proxy.fail_when is not None and proxy.fail_when(self.command, self.path):
+                        fail = True
+                    if fail:
                         proxy.faults_served += 1
                     truncate = self.command == "GET" and "list-type" not in self.path and proxy.truncate_remaining > 0
                     if truncate:

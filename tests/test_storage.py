@@ -134,14 +134,6 @@ def test_unreachable_endpoint(s3_env, monkeypatch) -> None:
         open_store("s3://test-bucket/x").get_bytes("k")
 
 
-@pytest.fixture
-def proxy(s3_server, s3_env, monkeypatch):
-    proxy = FaultyProxy(s3_server.endpoint)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-    yield proxy
-    proxy.close()
-
-
 def test_transient_errors_are_retried(proxy, s3_uri: str) -> None:
     store = open_store(s3_uri)
     proxy.fail_next(2, status=503)

@@ -41,6 +41,7 @@ from sharegpt4v.data.shards import (
     sample_image,
     sample_meta,
 )
+from sharegpt4v.errors import PlatformError
 from sharegpt4v.provenance import refuse_if_different
 from sharegpt4v.storage import FileEntry, Store
 
@@ -266,8 +267,8 @@ def _run_batch(batch: list[CaptionRequest], captioner: Captioner, state: _ShardP
                bar: tqdm) -> None:
     try:
         results = captioner.caption_batch(batch)
-    except BudgetExceeded as stop:
-        _record(batch, stop.results, captioner, state, summary, bar)
+    except (BudgetExceeded, PlatformError) as stop:  # the budget, or an outage: keep what finished, then stop
+        _record(batch, getattr(stop, "results", None) or [], captioner, state, summary, bar)
         raise
     _record(batch, results, captioner, state, summary, bar)
 

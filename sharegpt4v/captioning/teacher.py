@@ -55,7 +55,20 @@ _REFUSAL = re.compile(
 
 
 class TeacherError(PlatformError):
-    """The teacher cannot be used at all (missing settings, key rejected)."""
+    """The teacher cannot be used at all (missing settings, key rejected, unreachable).
+
+    `results`: what finished (and was paid for) before the stop; the job records them first.
+    """
+
+    results: list[CaptionResult] = []
+
+
+class TeacherUnavailable(TeacherError):
+    """An outage, not bad input: retries of a transport failure ran out. The job stops; a rerun continues."""
+
+
+# Retry causes that say the teacher (or the way to it) is down, not that an image is bad.
+_OUTAGE_CAUSES = ("rate_limited", "server_error", "timeout", "connection")
 
 
 def image_mime(image: bytes) -> str | None:
@@ -148,7 +161,8 @@ class TeacherClient:
 
     # ---- public ---------------------------------------------------------------------------
     def caption_batch(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
-        """One result per request, in order; raises BudgetExceeded if the cap stopped the batch."""
+        """One result per request, in order; raises BudgetExceeded if the cap stopped the batch, TeacherError
+        (with the finished `results`) if the teacher cannot answer: rejected key, retries of an outage ran out."""
         if not requests:
             return []
         if self._budget_spent():
@@ -165,9 +179,10 @@ class TeacherClient:
                 except TeacherError as exc:
                     fatal = fatal or exc
                     results.append(None)
-        if fatal is not None:
-            raise fatal
         finished = [r for r in results if r is not None]
+        if fatal is not None:
+            fatal.results = finished  # paid for: the job records them before it stops
+            raise fatal
         if len(finished) < len(requests):
             raise BudgetExceeded(self._budget_message(), finished)
         return finished
@@ -223,6 +238,10 @@ class TeacherClient:
                 result = outcome
                 break
             if attempts > self.cfg.max_retries:
+                if outcome.cause in _OUTAGE_CAUSES:  # not this image's fault: stop, record nothing for it
+                    abort.set()
+                    raise TeacherUnavailable(f"teacher at {self.name}: {outcome.cause} after {attempts} attempts "
+                                             f"({outcome.detail}); stopped, a rerun continues")
                 result = CaptionResult.error(request.id, _EXHAUSTED_REASON[outcome.cause],
                                              f"{outcome.detail} (after {attempts} attempts)")
                 break

@@ -7,7 +7,9 @@ Inputs (`kind`):
 
 Every bad input becomes an error record with a reason code and detail; identical images
 (same sha256 of the input bytes) are kept once and the repeats recorded as duplicates.
-Only an unreadable input location, bad credentials or an unparseable JSON file fail the run.
+Failures that are not a sample's fault stop the run with one line and publish nothing (the
+manifest is written last): an unreadable input location, bad credentials, an unparseable JSON
+file, a store that is down or keeps failing after retries, a full disk. A rerun starts again.
 """
 
 from __future__ import annotations
@@ -204,12 +206,14 @@ class _Counted:
 
 
 def _read(store: storage.Store, key: str) -> tuple[bytes | None, tuple[str, str] | None]:
+    """The bytes of one input, or this sample's error. Store failures (an outage, credentials, a
+    permission) are not the sample's: they propagate and stop the run before anything is published."""
     try:
         return store.get_bytes(key), None
-    except (storage.CredentialsError, storage.BucketNotFound):
+    except storage.BucketNotFound:
         raise
-    except storage.StoreError as exc:
-        return None, ("unreadable", str(exc))
+    except storage.ObjectNotFound as exc:  # listed, then gone: this sample is missing
+        return None, ("missing_file", str(exc))
 
 
 def _source_of(rel: str, default: str) -> str:
@@ -259,8 +263,10 @@ def _from_wds(root: str, source_name: str | None) -> _Counted:
             try:
                 for sample in iter_shard(store.url(shard)):
                     yield _wds_candidate(sample, shard, default_source, counter)
-            except (storage.CredentialsError, storage.BucketNotFound):
-                raise
+            except storage.StoreError as exc:
+                if type(exc) is not storage.ObjectNotFound:
+                    raise  # the store failed, not the shard: stop, publish nothing
+                yield Candidate(f"{shard}#", default_source, error=("missing_file", str(exc)))
             except Exception as exc:  # a corrupt tar: record it, keep going with the next shard
                 yield Candidate(f"{shard}#", default_source, error=("corrupt_shard", f"{shard}: {exc}"))
 

@@ -23,6 +23,7 @@ from sharegpt4v.captioning.records import (
 from sharegpt4v.captioning.teacher import (
     TeacherClient,
     TeacherError,
+    TeacherUnavailable,
     image_mime,
     is_refusal,
 )
@@ -137,11 +138,25 @@ def test_retry_after_is_honoured(sim: TeacherSim, requests: list[CaptionRequest]
     assert teacher.stats()["retries"] == {"rate_limited": 1}
 
 
-def test_exhausted_retries_give_a_reason(sim: TeacherSim, requests: list[CaptionRequest]) -> None:
+def test_an_outage_stops_the_batch_with_its_cause_and_no_error_records(
+        sim: TeacherSim, requests: list[CaptionRequest]) -> None:
+    """Retries of a transport failure that run out are an outage, not a bad image: no error record for it."""
     for kind, reason in (("429", "rate_limited"), ("503", "server_error"), ("500", "server_error")):
         sim.set_faults(rate=1.0, kinds=[kind], retry_after_s=0)
-        results = client(sim, max_retries=2).caption_batch(requests[:3])
-        assert [(r.reason, r.attempts) for r in results] == [(reason, 3)] * 3
+        with pytest.raises(TeacherUnavailable, match=f"{reason} after 3 attempts") as stop:
+            client(sim, max_retries=2, concurrency=1).caption_batch(requests[:3])
+        assert stop.value.results == [] and "\n" not in str(stop.value)
+
+
+def test_an_outage_mid_batch_keeps_what_finished(sim: TeacherSim, requests: list[CaptionRequest],
+                                                 truth: dict[str, str]) -> None:
+    teacher = client(sim, max_retries=1, concurrency=1, backoff_base_s=0.001, backoff_max_s=0.01)
+    threading.Timer(0.3, lambda: sim.set_faults(rate=1.0, kinds=["503"], retry_after_s=0)).start()
+    sim.set_faults(latency_s=0.05)
+    with pytest.raises(TeacherUnavailable, match="server_error") as stop:
+        teacher.caption_batch(requests[:40])
+    finished = stop.value.results
+    assert 0 < len(finished) < 40 and all(r.status == "ok" and r.caption == truth[r.id] for r in finished)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "refusal", "short", "malformed"])
@@ -160,8 +175,8 @@ def test_content_faults_give_their_reason(kind: str, sim: TeacherSim, requests: 
 def test_slow_answers_time_out(sim: TeacherSim, requests: list[CaptionRequest]) -> None:
     sim.set_faults(rate=1.0, kinds=["slow"], slow_s=1.0)
     started = time.perf_counter()
-    results = client(sim, max_retries=0, timeout_s=0.3).caption_batch(requests[:2])
-    assert [r.reason for r in results] == ["timeout", "timeout"]
+    with pytest.raises(TeacherUnavailable, match="timeout after 1 attempts"):
+        client(sim, max_retries=0, timeout_s=0.3).caption_batch(requests[:2])
     assert time.perf_counter() - started < 1.0
 
 
@@ -224,7 +239,7 @@ def test_the_key_never_leaks(sim: TeacherSim, requests: list[CaptionRequest], tr
     caplog.set_level(logging.DEBUG)
     seen: list[str] = []
     sim.set_faults(rate=0.5, kinds=FAULT_KINDS, retry_after_s=0, slow_s=0.5)
-    teacher = client(sim, max_retries=1, timeout_s=0.2)
+    teacher = client(sim, max_retries=8, timeout_s=0.2)
     results = teacher.caption_batch(requests[:16])
     seen += [teacher.name, repr(teacher.cfg), json.dumps(teacher.stats())]
     seen += [json.dumps(make_record(q, r, teacher.name)) for q, r in zip(requests, results)]

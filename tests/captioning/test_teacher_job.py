@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from sharegpt4v import storage
 from sharegpt4v.captioning.job import iter_caption_records
 from sharegpt4v.captioning.teacher_sim import TeacherSim, world_caption_index
 from sharegpt4v.config import WorldConfig
@@ -130,6 +132,34 @@ def test_sigkill_during_retry_errors_never_asks_the_teacher_twice_for_an_ok_imag
     assert kill_at_random_moments(start, out, kills=4, seed=5, after_each=no_ok_image_asked_again) == 4
     assert set(asked) <= errors  # only images whose record was an error were asked again
     _check(world, str(out))
+
+
+def test_a_teacher_outage_fails_the_job_keeps_what_was_paid_for_and_a_rerun_continues(
+        world: str, sim: TeacherSim, tmp_path: Path) -> None:
+    out = tmp_path / "seed"
+    sim.set_faults(rate=0.0, latency_s=0.02)
+    proc = _caption(world, str(out), _env(sim), "teacher.concurrency=2")
+    deadline = time.monotonic() + 120
+    while sim.stats()["chat_requests"] < 30:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    sim.set_faults(rate=1.0, kinds=("503",), retry_after_s=0.01)  # the teacher goes down and stays down
+    _, stderr = proc.communicate(timeout=300)
+    *_, error = stderr.strip().splitlines()
+    assert proc.returncode == 1 and error.startswith("sharegpt4v: error: teacher at ") and "server_error" in error
+    assert "Traceback" not in stderr and "sk-test-secret-123" not in stderr
+    published = published_records(out)
+    assert published and set(published.values()) == {"ok"}  # an outage is no image's fault: no error records
+    assert not storage.open_store(str(out)).is_complete()  # and no caption set pretends to be whole
+
+    sim.set_faults(rate=0.0)
+    sim.reset_stats()
+    proc = _caption(world, str(out), _env(sim))
+    assert proc.wait(timeout=300) == 0
+    id_of = {sample_meta(s)["sha256"]: sample_meta(s)["id"] for s in open_dataset(world).samples()}
+    asked = {id_of[sha] for sha in sim.requests_by_image()}
+    assert not asked & set(published)  # what was paid for before the outage is not asked again
+    assert all(r["status"] == "ok" for r in _check(world, str(out)))
 
 
 def test_budget_cap_stops_cleanly_and_rerun_continues(world: str, sim: TeacherSim, tmp_path: Path) -> None:

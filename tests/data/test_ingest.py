@@ -14,7 +14,7 @@ from sharegpt4v.config import IngestConfig
 from sharegpt4v.data.ingest import ingest
 from sharegpt4v.data.inspect import inspect_dataset
 from sharegpt4v.data.shards import open_dataset, sample_image, sample_meta
-from sharegpt4v.storage import StoreError
+from sharegpt4v.storage import StoreError, StoreUnavailable
 from tests.data.messy import make_img2dataset_shards, make_llava_json, make_messy_folder
 
 
@@ -95,6 +95,38 @@ def test_folder_on_s3_to_s3(tmp_path: Path, s3_uri: str) -> None:
     got = _outcomes(f"{s3_uri}/shards")
     _merge_duplicate_pair(expected, got, "photos/rgb.jpg", "photos/copy_of_rgb.jpg")
     assert got == expected
+
+
+def test_an_s3_outage_fails_the_run_and_publishes_nothing(tmp_path: Path, s3_uri: str, proxy) -> None:
+    """A store that keeps failing is not bad input: no error records, no manifest, exit 1, the rerun completes."""
+    import os
+
+    make_messy_folder(tmp_path / "in", with_outside_link=False)
+    src = storage.open_store(f"{s3_uri}/raw")
+    for path in sorted((tmp_path / "in").rglob("*")):
+        if path.is_file():
+            src.put_file(path.relative_to(tmp_path / "in").as_posix(), path)
+    reads = []
+
+    def outage_after_five_images(method: str, path: str) -> bool:
+        if method != "GET" or "/raw/" not in path:
+            return False
+        reads.append(path)
+        return len(reads) > 5  # the store goes down mid-run and stays down
+
+    proxy.fail_when = outage_after_five_images
+    with pytest.raises(StoreUnavailable, match="S3 error SlowDown .*after retries"):
+        ingest(f"{s3_uri}/raw", f"{s3_uri}/shards", IngestConfig(), progress=False)
+    assert not storage.open_store(f"{s3_uri}/shards").is_complete()
+    result = cli("data", "ingest", "--from", f"{s3_uri}/raw", "--out", f"{s3_uri}/cli-shards", env=dict(os.environ))
+    *progress, error = result.stderr.strip().splitlines()  # the progress bar, then one line
+    assert result.returncode == 1 and error.startswith("sharegpt4v: error: ") and "SlowDown" in error, result.stderr
+    assert all(line.startswith("ingest folder:") for line in progress if line.strip())
+    assert not storage.open_store(f"{s3_uri}/cli-shards").is_complete()
+
+    proxy.fail_when = None  # the store is back: the rerun ingests everything, as if nothing had happened
+    summary = ingest(f"{s3_uri}/raw", f"{s3_uri}/shards", IngestConfig(), progress=False)
+    assert (summary.ok, summary.error, summary.duplicate) == (10, 8, 1) and "unreadable" not in summary.reasons
 
 
 def test_img2dataset_shards(tmp_path: Path) -> None:
