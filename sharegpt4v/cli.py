@@ -84,8 +84,13 @@ def _recipe(args: argparse.Namespace) -> Any:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    from sharegpt4v.training.memory import check_memory_fit, format_plan, memory_plan
+
     recipe = _recipe(args)
     print(json.dumps(recipe.to_dict(), indent=2) if args.json else recipe.to_yaml(), end="" if not args.json else "\n")
+    # The per-GPU memory of each training stage (YAML comments; on stderr beside --json), then the fit check.
+    print(format_plan(memory_plan(recipe), recipe.compute.device), end="", file=sys.stderr if args.json else sys.stdout, flush=True)
+    check_memory_fit(recipe)
     return 0
 
 

@@ -208,6 +208,7 @@ class ComputeConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = False
     zero_offload: bool = False  # ZeRO optimizer (and ZeRO-3 parameter) state in CPU memory: fits 7B on fewer GPUs
+    gpu_memory_gib: float = 80.0  # per GPU (A100-80G); training plans that need more are refused before submit
 
     @property
     def world_size(self) -> int:

@@ -122,7 +122,12 @@ def start_pipeline_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params
     Adopted: the plugin's run (parent of `$MLFLOW_RUN_ID`) or the local runner's
     (`$SHAREGPT4V_MLFLOW_PARENT_RUN_ID`); a retried start finds its own run by the KFP run id.
     The run stays RUNNING until `finish_pipeline_run`. Returns its id ("" without tracking).
+    With a `profile` in `params`, the training stages' per-GPU memory is printed first and a plan
+    that cannot fit is refused here, before any GPU task is scheduled.
     """
+    if params.get("profile"):
+        check_training_plan(str(params["profile"]), str(params.get("overrides") or "").split(),
+                            int(params.get("train_gpus") or 0))
     if not tracking.tracking_enabled():
         return ""
     client = _client()
@@ -142,6 +147,22 @@ def start_pipeline_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params
     if fresh:
         client.log_batch(run_id, params=fresh)
     return run_id
+
+
+def check_training_plan(profile: str, overrides: list[str], train_gpus: int = 0) -> list[Any]:
+    """Print each training stage's per-GPU memory; refuse (one line) a plan that cannot fit.
+
+    `train_gpus`: the processes a train task launches in its pod (the recipe's compute otherwise)."""
+    from sharegpt4v.config import recipe_from_dict
+    from sharegpt4v.training.memory import check_memory_fit, format_plan, memory_plan
+
+    recipe = recipe_of(profile, overrides)
+    if train_gpus and recipe.compute.world_size != train_gpus:  # as training.run.launch does
+        data = recipe.to_dict()
+        data["compute"].update(num_nodes=1, gpus_per_node=train_gpus)
+        recipe = recipe_from_dict(data)
+    print(format_plan(memory_plan(recipe), recipe.compute.device), end="", flush=True)
+    return check_memory_fit(recipe)
 
 
 def finish_pipeline_run(kfp_run_id: str, state: str, error: str = "") -> str:

@@ -529,6 +529,10 @@ def train_stage(stage: str, recipe: "RecipeConfig", inputs: Any, out: str, init:
             f"compute: the launch has {world} process(es) but the recipe says num_nodes x gpus_per_node = "
             f"{recipe.compute.world_size}; set compute.gpus_per_node (and num_nodes) to match"
         )
+    if recipe.compute.device == "cuda":  # refuse a plan that cannot fit before a 7B model is loaded
+        from sharegpt4v.training.memory import check_memory_fit
+
+        check_memory_fit(recipe, (stage,))
     deepspeed_on = use_deepspeed(recipe, s, world)
     if deepspeed_on and s.zero_stage == 0 and recipe.compute.precision != "fp32":
         # DeepSpeed's stage-0 mixed-precision wrappers keep fp32 masters outside the per-parameter
