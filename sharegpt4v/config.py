@@ -209,6 +209,7 @@ class ComputeConfig:
     tf32: bool = False
     zero_offload: bool = False  # ZeRO optimizer (and ZeRO-3 parameter) state in CPU memory: fits 7B on fewer GPUs
     gpu_memory_gib: float = 80.0  # per GPU (A100-80G); training plans that need more are refused before submit
+    peak_tflops: float | None = None  # per device, for MFU; None: the GPU's datasheet peak, or a measured CPU matmul
 
     @property
     def world_size(self) -> int:

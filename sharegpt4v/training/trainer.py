@@ -34,6 +34,7 @@ from sharegpt4v.modeling.hf_layout import write_layout
 from sharegpt4v.provenance import OutputMismatch, refuse_if_different
 from sharegpt4v.training import checkpoint as ckpt
 from sharegpt4v.training.data import DataIndex, Position, StageInputs, build_index, held_out_images, iter_batches
+from sharegpt4v.training.flops import flops_per_sample, peak_flops
 
 if TYPE_CHECKING:
     from sharegpt4v.config import RecipeConfig, StageConfig
@@ -654,7 +655,9 @@ def _train(stage: str, recipe: "RecipeConfig", s: "StageConfig", inputs: StageIn
                            recipe.model.language.max_length, image_tokens, vision.image_size, prefetch=PREFETCH[device.type])
     trace = _Trace(trace_dir, stage, rank)
     log_every = s.log_every_steps
-    run_params = {**recipe.flat(), "run.stage": stage, "run.data": ",".join(inputs.data), "run.captions": inputs.captions,
+    peak, peak_source = peak_flops(recipe, device)  # MFU's denominator, per device
+    run_params = {**recipe.flat(), "run.peak_tflops_per_device": round(peak / 1e12, 3), "run.peak_source": peak_source,
+                  "run.stage": stage, "run.data": ",".join(inputs.data), "run.captions": inputs.captions,
                   "run.split": inputs.split, "run.init": init, "run.out": out, "run.world_size": world,
                   "run.engine": engine.kind, "run.total_steps": total, "run.examples": len(index),
                   "run.gradient_accumulation_steps": engine.accumulation}
@@ -712,16 +715,21 @@ def _train(stage: str, recipe: "RecipeConfig", s: "StageConfig", inputs: StageIn
                          "lr": engine.lr, "grad_norm": grad_norm, "ids": ids, "position": position.to_dict()})
             if step % log_every == 0 or step == total:
                 elapsed = time.perf_counter() - window_start
+                samples = max(1.0, window["samples"])
+                model_flops = samples * flops_per_sample(recipe, stage, window["tokens"] / samples)
                 metrics = {"loss": window["loss"] / window["steps"], "lr": engine.lr,
                            "grad_norm": window["grad_norm"] / window["steps"], "tokens_per_s": window["tokens"] / elapsed,
                            "samples_per_s": window["samples"] / elapsed, "rss_mb": _rss_mb(), "epoch": position.epoch,
+                           "model_tflops_per_s": model_flops / elapsed / 1e12,
+                           **({"mfu": model_flops / elapsed / (peak * world)} if peak else {}),
                            **{f"flagged.{f}": flags[f] for f in FLAGS}}
                 if device.type == "cuda":
                     metrics["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 tracking.log_metrics(metrics, step=step)
                 if rank == 0:
-                    log.info("%s step %d/%d loss %.4f lr %.3g grad-norm %.3f %.0f tokens/s", stage, step, total,
-                             metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"])
+                    log.info("%s step %d/%d loss %.4f lr %.3g grad-norm %.3f %.0f tokens/s MFU %.1f%%", stage, step,
+                             total, metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["tokens_per_s"],
+                             100 * metrics.get("mfu", 0.0))
                     _log_flags(stage, flags, flagged_examples, step)
                 window_start, window = time.perf_counter(), Counter()
             if s.save_every_steps and step % s.save_every_steps == 0 and step < total:

@@ -89,9 +89,11 @@ def test_pretrain_then_sft_chain_on_cpu(world: str, tmp_path: Path, mlflow_sqlit
     assert run.info.run_name == "pretrain" and run.data.params["pretrain.learning_rate"] == "0.003"
     assert run.data.params["run.engine"] == "torch" and client.get_run(sft.run_id).data.params["run.engine"] == "deepspeed"
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "rss_mb", "flagged.fully_masked",
-                "flagged.truncated", "final_loss"):
+                "flagged.truncated", "final_loss", "model_tflops_per_s", "mfu"):
         assert key in run.data.metrics, key
     assert [m.step for m in client.get_metric_history(pre.run_id, "loss")] == [10, 20, 30, 40]
+    assert [m.step for m in client.get_metric_history(pre.run_id, "mfu")] == [10, 20, 30, 40]
+    assert 0 < run.data.metrics["mfu"] < 1 and run.data.params["run.peak_source"] == "measured CPU matmul"
     (dataset,) = run.inputs.dataset_inputs
     assert world in dataset.dataset.source and len(dataset.dataset.digest) == 36
     artifacts = {a.path for a in client.list_artifacts(pre.run_id, "pretrain")}
