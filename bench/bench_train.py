@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from bench.common import print_table  # noqa: E402
 from sharegpt4v.config import WorldConfig, load_recipe  # noqa: E402
 from sharegpt4v.training.data import Position, StageInputs, build_index, iter_batches  # noqa: E402
+from sharegpt4v.training.flops import flops_per_sample, peak_flops  # noqa: E402
 from sharegpt4v.training.trainer import apply_freezing, initial_model, make_optimizer, train_stage  # noqa: E402
 from sharegpt4v.world.generate import generate_world  # noqa: E402
 
@@ -43,8 +44,9 @@ def trainer_rate(recipe, inputs: StageInputs, work: Path, name: str, skip: int, 
     return (len(records) - skip) / (records[-1]["time"] - records[skip - 1]["time"])
 
 
-def bare_rate(recipe, inputs: StageInputs, steps: int, skip: int) -> float:
-    """The same model, batches and optimizer in the plainest loop: no data work inside the timing."""
+def bare_rate(recipe, inputs: StageInputs, steps: int, skip: int) -> tuple[float, float]:
+    """The same model, batches and optimizer in the plainest loop: no data work inside the timing.
+    Returns (steps/s, mean tokens per sample)."""
     stage = recipe.pretrain
     index = build_index("pretrain", stage, inputs, recipe.seed)
     model, processor = initial_model(recipe, index, None)
@@ -54,7 +56,9 @@ def bare_rate(recipe, inputs: StageInputs, steps: int, skip: int) -> float:
     batches = iter_batches(index, stage, recipe.seed, 0, 1, Position(), stage.micro_batch_size, processor.tokenizer,
                            recipe.model.language.max_length, (vision.image_size // vision.patch_size) ** 2,
                            vision.image_size)
-    inputs_list = [next(batches).model_inputs() for _ in range(steps)]
+    encoded = [next(batches) for _ in range(steps)]
+    tokens_per_sample = sum(b.tokens for b in encoded) / sum(len(b.ids) for b in encoded)
+    inputs_list = [b.model_inputs() for b in encoded]
     model.train()
     start = 0.0
     for i, batch in enumerate(inputs_list):
@@ -64,7 +68,7 @@ def bare_rate(recipe, inputs: StageInputs, steps: int, skip: int) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (steps - skip) / (time.perf_counter() - start)
+    return (steps - skip) / (time.perf_counter() - start), tokens_per_sample
 
 
 def main() -> None:
@@ -86,14 +90,23 @@ def main() -> None:
         generate_world(str(work / "world"), max(400, args.batch * 4), 0, WorldConfig(samples_per_shard=64), progress=False)
         inputs = StageInputs([str(work / "world")])
         rows = []
-        bare = bare_rate(recipe, inputs, args.steps, args.skip)
-        rows.append({"name": "bare torch loop", "steps_per_s": bare, "samples_per_s": bare * args.batch})
+        bare, tokens = bare_rate(recipe, inputs, args.steps, args.skip)
+        # MFU: model FLOPs (sharegpt4v.training.flops, the trainer's own accounting) over a measured CPU matmul peak
+        flops_per_step = args.batch * flops_per_sample(recipe, "pretrain", tokens)
+        peak, _ = peak_flops(recipe, "cpu")
+
+        def row(name: str, rate: float) -> dict:
+            return {"name": name, "steps_per_s": rate, "samples_per_s": rate * args.batch,
+                    "mfu_percent": 100 * rate * flops_per_step / peak}
+
+        rows.append(row("bare torch loop", bare))
         for name, env in (("train_stage (torch engine)", {"SHAREGPT4V_TRAIN_ENGINE": "torch"}),
                           ("train_stage (DeepSpeed ZeRO-0)", {"SHAREGPT4V_TRAIN_ENGINE": "deepspeed"})):
-            rate = trainer_rate(recipe, inputs, work, name.split()[-1].strip("()").lower(), args.skip, env)
-            rows.append({"name": name, "steps_per_s": rate, "samples_per_s": rate * args.batch})
+            rows.append(row(name, trainer_rate(recipe, inputs, work, name.split()[-1].strip("()").lower(), args.skip,
+                                               env)))
     print_table(f"Training steps/s, tiny LLaVA, batch {args.batch} ({args.field}), {torch.get_num_threads()} threads, "
-                f"load {load_before:.1f} -> {os.getloadavg()[0]:.1f}", rows, "bare torch loop", "steps_per_s")
+                f"load {load_before:.1f} -> {os.getloadavg()[0]:.1f}; MFU vs a measured matmul peak of "
+                f"{peak / 1e9:.1f} GFLOP/s", rows, "bare torch loop", "steps_per_s")
 
 
 if __name__ == "__main__":
