@@ -4,11 +4,19 @@ It wraps the same batched `InferenceEngine` the captioning jobs use (no generati
 its own): the rows of every request Triton batched together are grouped by their generation
 settings and generated together; a request that fails a check gets its error, the others
 their answers. Streaming (the decoupled `chat_stream` model) uses the engine's `on_text` hook.
+
+Two kinds of failure: a bad request (a `RequestError`: the client's fault) becomes that request's
+`Reply.error`, which the adapter sends as Triton's INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)
+with the message; anything else raises out of `infer`/`stream` and is an internal failure of the
+batch: the adapter logs it with each request's id (`request_ids`, `internal_failure`) and answers
+INTERNAL (HTTP 500) with a message that carries the id and nothing of the exception.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import traceback
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +31,11 @@ Outputs = dict[str, np.ndarray]
 
 @dataclass
 class Reply:
-    """The answer to one request: `outputs` ([rows, 1] arrays by output name), or an `error` message."""
+    """The answer to one request: `outputs` ([rows, 1] arrays by output name), or an `error` message.
+
+    `error` is always a bad request (the client's fault, named in the message); failures of the
+    server raise instead.
+    """
 
     outputs: Outputs | None = None
     error: str | None = None
@@ -46,6 +58,20 @@ def outputs_of(texts: list[str], finish: list[str], prompt_tokens: list[int], co
         "prompt_tokens": _column(prompt_tokens, np.int32),
         "completion_tokens": _column(completion_tokens, np.int32),
     }
+
+
+def request_ids(given: Iterable[str | None]) -> list[str]:
+    """Each request's id for the server log and its error message: the client's own (`id` in an HTTP
+    request, `request_id` in tritonclient) when it is short printable text, else a new short one."""
+    return [g if g and len(g) <= 128 and g.isprintable() else uuid.uuid4().hex[:12] for g in given]
+
+
+def internal_failure(exc: BaseException, ids: list[str]) -> tuple[str, list[str]]:
+    """An exception that failed a batch -> (the server log entry: the requests' ids and the traceback,
+    one message per request for its client: its id, no exception text)."""
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    log = f"internal error (request id {', '.join(ids)}): {type(exc).__name__}: {exc}\n{trace}"
+    return log, [f"internal error (request id {i}); see the server log" for i in ids]
 
 
 def device_for(instance_kind: str, device_id: int | str = 0) -> str:

@@ -13,7 +13,7 @@ Tensors (every input is `[batch, 1]` in a request; `batch` rows per request, usu
 - chat: `messages` BYTES: JSON, a list of `{"role": "user"|"assistant", "content": "..."}`
   alternating and ending with a user turn, or a JSON string (one user question).
 - `max_tokens` INT32, optional: 1..`max_tokens_limit`; `temperature` FP32, optional: 0..2
-  (0 = greedy).
+  (0 = greedy; below 1e-5 counts as 0).
 Outputs, `[batch, 1]` each: `text` BYTES, `finish_reason` BYTES (stop / length),
 `prompt_tokens` INT32, `completion_tokens` INT32. The decoupled `chat_stream` model sends
 `text` pieces as they are generated, then a last response with `finish_reason` and the counts.
@@ -36,6 +36,9 @@ IMAGE_PLACEHOLDER = "<image>"
 Task = Literal["caption", "chat"]
 TASKS: tuple[str, ...] = ("caption", "chat")
 MAX_TEMPERATURE = 2.0
+# Below this a temperature samples greedily, as vLLM does (its _SAMPLING_EPS): logits divided by a
+# near-zero temperature overflow to inf and sampling fails on NaN probabilities (a 500 for the batch).
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 class RequestError(ValueError):
@@ -250,7 +253,7 @@ def check_temperature(value: Any) -> float:
     number = float(value)
     if not (math.isfinite(number) and 0.0 <= number <= MAX_TEMPERATURE):
         raise RequestError(f"temperature: {number} is out of range (0..{MAX_TEMPERATURE:g}; 0 = greedy)")
-    return number
+    return number if number >= MIN_SAMPLING_TEMPERATURE else 0.0
 
 
 # requests -------------------------------------------------------------------------------------

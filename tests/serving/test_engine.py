@@ -12,7 +12,7 @@ import pytest
 from sharegpt4v.captioning.engine import caption_prompt
 from sharegpt4v.modeling.builder import save_model
 from sharegpt4v.modeling.inference import InferenceEngine
-from sharegpt4v.serving.engine import ServingEngine, device_for, options_for
+from sharegpt4v.serving.engine import ServingEngine, device_for, internal_failure, options_for, request_ids
 from tests.modeling.fixtures import recipe, tiny_model, world
 
 
@@ -89,3 +89,24 @@ def test_load_from_a_version_folder_with_weights_parameter(tmp_path: Path) -> No
     reply = engine.infer([{"image": col(world(1)[0].image), "max_tokens": col(2, dtype=np.int32)}])[0]
     assert reply.ok and reply.outputs["completion_tokens"][0, 0] <= 2
     assert device_for("GPU", 1) == "cuda:1" and device_for("CPU", 0) == "cpu"
+
+
+def test_a_near_zero_temperature_is_served_not_an_internal_failure(engines: dict[str, ServingEngine]) -> None:
+    # 1e-45 (an FP32 subnormal) once overflowed the logits: NaN probabilities, RuntimeError, a 500 for the batch
+    request = chat_request(world(1)[0].image, temperature=col(1e-45, dtype=np.float32), max_tokens=col(2, dtype=np.int32))
+    reply = engines["chat"].infer([request])[0]
+    assert reply.ok and reply.outputs["completion_tokens"][0, 0] <= 2
+
+
+def test_internal_failures_name_each_request_id_and_keep_the_exception_in_the_log() -> None:
+    ids = request_ids(["client-7", None, "", "x" * 200, "bad\nid"])
+    assert ids[0] == "client-7" and len(set(ids)) == 5
+    assert all(len(i) == 12 and i.isalnum() for i in ids[1:])  # none sent, or not fit for a log line: a new one
+    try:
+        raise RuntimeError("probability tensor contains nan")
+    except RuntimeError as exc:
+        log, messages = internal_failure(exc, ids[:2])
+    assert log.startswith(f"internal error (request id client-7, {ids[1]}): RuntimeError: probability tensor contains nan")
+    assert "Traceback (most recent call last)" in log and "test_engine.py" in log
+    assert messages == [f"internal error (request id {i}); see the server log" for i in ids[:2]]
+    assert not any("nan" in m or "Traceback" in m for m in messages)  # the client gets the id, not the exception

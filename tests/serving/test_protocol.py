@@ -97,6 +97,8 @@ def test_generation_settings_out_of_range() -> None:
     for value in (-0.1, 2.5, float("nan"), float("inf")):
         with pytest.raises(RequestError, match="temperature: .* is out of range"):
             check_temperature(value)
+    # a near-zero temperature overflows the logits (NaN probabilities, a failed batch): it samples greedily
+    assert check_temperature(np.float32(1e-45)) == 0.0 and check_temperature(1e-5) == 1e-5
 
 
 def test_prepare_rows_defaults_and_overrides() -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -70,7 +72,9 @@ def served(s3_server: services.LocalS3, tmp_path_factory: pytest.TempPathFactory
         )
         download = tmp / "mnt-models"
         kserve_storage_initializer(export["uri"], download)
-        with start_triton(download, tmp / "work") as triton:
+        # Explicit model control, every model loaded at start as in the default mode: lets the internal-failure
+        # test load a misconfigured model beside the served ones (the repository on disk stays the export's).
+        with start_triton(download, tmp / "work", extra_args=["--model-control-mode=explicit", "--load-model=*"]) as triton:
             yield Served(triton, export, download, {"chat": chat, "captioner": captioner}, mlflow.tracking_uri)
 
 
@@ -215,8 +219,20 @@ def test_each_bad_request_gets_its_own_error_and_the_batch_is_served(served: Ser
          "max_tokens: 0 is out of range (1..128)"),
         ("max_tokens huge", "chat", [rows(module, "image", [good], "BYTES"), rows(module, "messages", [question], "BYTES"),
                                      rows(module, "max_tokens", [100_000], "INT32")], "max_tokens: 100000 is out of range"),
+        ("messages blank", "chat", [rows(module, "image", [good], "BYTES"), rows(module, "messages", [b"  "], "BYTES")],
+         "messages: empty"),
+        ("messages wrong role", "chat", [rows(module, "image", [good], "BYTES"),
+                                         rows(module, "messages", [b'[{"role": "assistant", "content": "hi"}]'], "BYTES")],
+         "messages[0].role: expected 'user'"),
         ("temperature", "captioner", [rows(module, "image", [good], "BYTES"), rows(module, "temperature", [9.0], "FP32")],
          "temperature: 9.0 is out of range"),
+        ("temperature negative", "chat", [rows(module, "image", [good], "BYTES"), rows(module, "messages", [question], "BYTES"),
+                                          rows(module, "temperature", [-1.0], "FP32")], "temperature: -1.0 is out of range"),
+        ("no messages", "chat", [rows(module, "image", [good], "BYTES")],
+         "missing required input(s) ['messages']"),  # Triton's own check
+        ("the captioner's prompt to chat", "chat", [rows(module, "image", [good], "BYTES"), rows(module, "messages", [question], "BYTES"),
+                                                    rows(module, "prompt", [b"Describe."], "BYTES")],
+         "unexpected inference input 'prompt'"),  # Triton's own check
         ("wrong shape", "captioner", [rows(module, "image", [[good, other]], "BYTES")], "image: wrong shape [1, 2]"),
         ("rows disagree", "chat", [rows(module, "image", [good, other], "BYTES"), rows(module, "messages", [question], "BYTES")],
          "batch size does not match other inputs"),  # Triton checks this one itself, per request
@@ -230,18 +246,38 @@ def test_each_bad_request_gets_its_own_error_and_the_batch_is_served(served: Ser
         try:
             return "ok", connection.infer(case[1], case[2]).as_numpy("text")
         except InferenceServerException as exc:
-            return "error", exc.message()
+            return exc.status(), exc.message()
 
     with ThreadPoolExecutor(len(cases)) as pool:
         outcomes = list(pool.map(send, cases))
+    # a client's mistake is a client error: HTTP 400 / gRPC INVALID_ARGUMENT, never 500 / INTERNAL
+    bad_request = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
     for (name, _, _, expected), (status, value) in zip(cases, outcomes):
         if expected is None:
             assert status == "ok" and value[0, 0], name
         else:
-            assert status == "error" and expected in value, f"{name}: {value}"
+            assert status == bad_request and expected in value, f"{name}: {status} {value}"
     triton = module.InferenceServerClient(url)
     assert triton.is_server_ready() and triton.is_model_ready("captioner") and triton.is_model_ready("chat")
     assert triton.infer("captioner", cases[0][2]).as_numpy("text")[0, 0]
+
+
+def test_a_bad_request_is_http_400_for_any_http_client(served: Served) -> None:
+    def post(image: str) -> tuple[int, dict[str, Any]]:
+        body = {"id": "raw-1", "inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": [image]},
+                                          {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [TOKENS]}]}
+        request = urllib.request.Request(f"{served.triton.http_url}/v2/models/captioner/infer", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    status, answer = post("not an image, and not base64 either!")
+    assert status == 400 and answer["error"].startswith("image: not image bytes, and not base64 either")
+    status, answer = post(B64(images(1)[0]).decode())
+    assert status == 200 and answer["id"] == "raw-1" and answer["outputs"]
 
 
 # streaming --------------------------------------------------------------------------------------
@@ -257,14 +293,85 @@ def test_chat_streams_tokens_over_grpc_from_the_decoupled_model(served: Served) 
     assert "".join(text).strip() == whole["text"]
     with pytest.raises(client.ServingClientError, match="image: not image bytes"):
         list(client.stream_chat(served.triton.grpc_url, b"plain text, not an image", "hi", max_tokens=TOKENS))
+    # (a gRPC stream's error carries its message only, no status code; over HTTP generate_stream it is a 400)
+    status, events = _generate_stream(served, {"image": "plain text, not an image", "messages": json.dumps("hi")})
+    assert status == 400 and events[0]["error"].startswith("image: not image bytes")
     # The same stream as server-sent events from Triton's HTTP generate_stream endpoint (base64 image in JSON).
     body = {"image": base64.b64encode(picture).decode(), "messages": json.dumps("Describe the picture."), "max_tokens": TOKENS}
-    request = urllib.request.Request(f"{served.triton.http_url}/v2/models/chat_stream/generate_stream",
-                                     data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        events = [json.loads(line[len("data: "):]) for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    status, events = _generate_stream(served, body)
+    assert status == 200
     assert "".join(e["text"] for e in events).strip() == whole["text"] and events[-1]["finish_reason"] == final["finish_reason"]
     assert httpclient.InferenceServerClient(served.triton.http_url.removeprefix("http://")).is_server_ready()
+
+
+def _generate_stream(served: Served, body: dict[str, Any], model: str = "chat_stream") -> tuple[int, list[dict[str, Any]]]:
+    """Triton's HTTP generate_stream: (status, the server-sent events' JSON)."""
+    request = urllib.request.Request(f"{served.triton.http_url}/v2/models/{model}/generate_stream",
+                                     data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode()
+    return status, [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+# internal failures ------------------------------------------------------------------------------
+
+
+def test_an_internal_failure_is_500_with_a_request_id_in_the_message_and_the_server_log(served: Served) -> None:
+    """A server-side fault (here a deployment error: a model configured with a template that does not
+    exist, which fails every request after the model loaded) stays HTTP 500 / gRPC INTERNAL; the client
+    gets a request id and no traceback, the server log has the same id with the exception."""
+    from sharegpt4v.serving.repository import ADAPTER
+
+    http = httpclient.InferenceServerClient(served.triton.http_url.removeprefix("http://"))
+    grpc = grpcclient.InferenceServerClient(served.triton.grpc_url)
+
+    def load_broken(source: str) -> str:
+        config = http.get_model_config(source)
+        config["name"] = name = f"broken_{source}"
+        config["parameters"]["template"] = {"string_value": "no-such-template"}
+        config["parameters"]["weights"] = {"string_value": str(served.download / "chat" / "1" / "weights")}
+        http.load_model(name, config=json.dumps(config), files={"file:1/model.py": ADAPTER.encode()})
+        return name
+
+    good = images(1)[0]
+    question = json.dumps("What colour is the square?").encode()
+    broken, broken_stream = load_broken("chat"), load_broken("chat_stream")  # (one tritonclient HTTP client: one thread)
+    try:
+        messages: dict[str, str] = {}
+        for module, triton, internal in ((httpclient, http, "500"), (grpcclient, grpc, "StatusCode.INTERNAL")):
+            inputs = [rows(module, "image", [good], "BYTES"), rows(module, "messages", [question], "BYTES")]
+            for request_id in (f"{module.__name__}-7", ""):
+                with pytest.raises(InferenceServerException) as err:
+                    triton.infer(broken, inputs, request_id=request_id)
+                assert err.value.status() == internal, err.value
+                messages[request_id or module.__name__] = err.value.message()
+        ids = {}
+        for key, message in messages.items():
+            match = re.fullmatch(r"internal error \(request id (\S+)\); see the server log", message)
+            assert match, message  # the id, and nothing of the exception
+            ids[key] = match.group(1)
+        assert ids["tritonclient.http-7"] == "tritonclient.http-7" and ids["tritonclient.grpc-7"] == "tritonclient.grpc-7"
+        assert len(ids["tritonclient.http"]) == 12 and len(set(ids.values())) == 4  # none sent: a new one each
+        # The decoupled model: the error is the stream's final response, over gRPC and HTTP.
+        with pytest.raises(client.ServingClientError, match=r"internal error \(request id \w+\); see the server log"):
+            list(client.stream_chat(served.triton.grpc_url, good, "hi", model=broken_stream, max_tokens=TOKENS))
+        # (Triton 2.51's HTTP generate_stream answers any error from the model with 400: only the message tells)
+        status, events = _generate_stream(served, {"image": B64(good).decode(), "messages": json.dumps("hi")}, broken_stream)
+        assert status != 200 and re.fullmatch(r"internal error \(request id \w+\); see the server log", events[0]["error"])
+        log = served.triton.log_tail(400_000)
+        for request_id in ids.values():
+            assert f"internal error (request id {request_id}): ValueError: template: unknown 'no-such-template'" in log
+        assert "Traceback (most recent call last)" in log
+    finally:
+        for name in (broken, broken_stream):
+            http.unload_model(name)
+    # the served models were not disturbed
+    inputs = [rows(grpcclient, "image", [good], "BYTES"), rows(grpcclient, "messages", [question], "BYTES"),
+              rows(grpcclient, "max_tokens", [TOKENS], "INT32")]
+    assert grpc.infer("chat", inputs).as_numpy("text")[0, 0]
 
 
 def test_a_model_that_cannot_load_fails_the_start_with_the_reason(tmp_path: Path) -> None:
