@@ -98,3 +98,18 @@ def test_the_pipeline_start_task_prints_the_plan_and_refuses_what_cannot_fit(cap
     # 8 GPUs in the pod (the pipeline's default train_gpus), ZeRO-3: fits, and the run starts
     assert start_pipeline_run("sharegpt4v", "kfp-run-2", "run", {"profile": "a100-7b", "train_gpus": 8}) == ""
     assert "yes" in capsys.readouterr().out
+
+
+def test_the_gpu_training_bench_plans_the_largest_shape_that_fits() -> None:
+    def plan(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "bench/gpu/bench_train_7b.py", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+
+    assert plan("--plan", "--gpu-gib", "139", "--host-gib", "128").stdout.startswith("LLaVA-1.5-7B, ZeRO-1 on a 139")
+    assert plan("--plan", "--gpu-gib", "80", "--host-gib", "256").stdout.startswith("LLaVA-1.5-7B, ZeRO-3 + CPU offload")
+    assert plan("--plan", "--gpu-gib", "80", "--host-gib", "128").stdout.startswith("Llama-3B width")
+    import torch
+
+    if not torch.cuda.is_available():  # the GPU run itself is GPU-only; without one it says so in one line
+        no_gpu = plan()
+        assert no_gpu.returncode == 1 and "no NVIDIA GPU here" in no_gpu.stderr
