@@ -2,10 +2,17 @@
 `sharegpt4v.stages` (which calls the core). Inputs and outputs are URIs, digests and small
 JSON values; the data stays in S3. Metrics and HTML artifacts are what the KFP UI shows.
 
-The base image is the project's training image (`components.resources.IMAGE`) and the project
-imports sit inside the bodies with `install_kfp_package=False`: a cluster run uses the image as it
-is, a local run (`kfp.local.SubprocessRunner(use_venv=False)`) the installed project. Resources,
-secrets, retries and caching are set by `components.resources`, not here.
+The base image is the project's training image (`components.resources.IMAGE`; `sharegpt4v pipeline
+compile --image REF` compiles the pipelines for another) and the project imports sit inside the
+bodies with `install_kfp_package=False`: a cluster run uses the image as it is, a local run
+(`kfp.local.SubprocessRunner(use_venv=False)`) the installed project. Resources, secrets, retries
+and caching are set by `components.resources`, not here.
+
+Each component is documented once, here: its Google-style docstring (`Args:` for the inputs,
+`Returns:` for the outputs, artifacts included: the KFP compiler reads both into the IR's input and
+output descriptions, which the KFP UI shows) and its card, `@component(reads=..., writes=...,
+gpu=..., teacher=...)` (`components.catalog`): what it reads, writes and needs, appended to its
+description and rendered with the docstrings into `components/COMPONENTS.md`.
 """
 
 from typing import NamedTuple
@@ -13,21 +20,50 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Metrics, Output
 
+from components import catalog
 from components.resources import IMAGE
 
 
-def component(fn):
-    """`@dsl.component` on the project image, without installing kfp (the image has it)."""
-    return dsl.component(fn, base_image=IMAGE, install_kfp_package=False)
+def component(*, reads: str, writes: str, gpu: bool = False, teacher: bool = False, needs: str = ""):
+    """`@dsl.component` on the project image, without installing kfp (the image has it), with the
+    component's card (`components.catalog.Card`): what it reads, writes and needs."""
+
+    def wrap(fn):
+        return catalog.register(dsl.component(fn, base_image=IMAGE, install_kfp_package=False),
+                                catalog.Card(reads=reads, writes=writes, gpu=gpu, teacher=teacher, needs=needs))
+
+    return wrap
 
 
 # the pipeline's MLflow run ------------------------------------------------------------------------
 
 
-@component
+@component(
+    reads="the pipeline parameters; MLflow (adopts the run KFP's MLflow plugin created, if any)",
+    writes="the pipeline's MLflow run: tags kfp.run_id, kfp.run_name, kfp.pipeline; params pipeline.<name>"
+)
 def start_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params: dict, overrides: list, experiment: str,
               gpu_product: str) -> NamedTuple("Outputs", [("mlflow_run_id", str), ("gpu_node_selector", dict)]):
-    """Create the pipeline's MLflow run (KFP run id, parameters); the GPU node selector for GPU tasks."""
+    """Create the pipeline's MLflow run (KFP run id, parameters); the GPU node selector for GPU tasks.
+
+    The first task of every pipeline (inside its ExitHandler): every later task's MLflow run nests under this
+    one, found by the KFP run id (`KFP_RUN_ID`, from the pod's `pipeline/runid` label).
+
+    Args:
+        pipeline: The pipeline's name, e.g. "sharegpt4v"; tagged `kfp.pipeline`.
+        kfp_run_id: The KFP run's id (the `{{$.pipeline_job_uuid}}` placeholder); tagged `kfp.run_id`, how tasks find
+            the run.
+        kfp_run_name: The KFP run's name (the `{{$.pipeline_job_name}}` placeholder); the MLflow run's name.
+        params: The pipeline parameters to record as MLflow params `pipeline.<name>` (credentials in URLs redacted).
+        overrides: The recipe overrides, recorded as one param `pipeline.overrides` (space-separated).
+        experiment: MLflow experiment of the run, e.g. "sharegpt4v"; created when missing.
+        gpu_product: The `nvidia.com/gpu.product` node label value GPU tasks must run on, e.g.
+            "NVIDIA-A100-SXM4-80GB".
+
+    Returns:
+        mlflow_run_id: The pipeline's MLflow run id ("" when MLflow tracking is off: no `MLFLOW_TRACKING_URI`).
+        gpu_node_selector: The node selector of the GPU tasks, {"nvidia.com/gpu.product": gpu_product}.
+    """
     from sharegpt4v import stages as steps
     from sharegpt4v.cluster import GPU_PRODUCT_LABEL
 
@@ -37,9 +73,20 @@ def start_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params: dict, o
     return outputs(run_id, {GPU_PRODUCT_LABEL: gpu_product})
 
 
-@component
+@component(
+    reads="the ExitHandler's final status (filled in by KFP)",
+    writes="the pipeline's MLflow run: status FINISHED or FAILED, tags kfp.state and kfp.error"
+)
 def finish_run(kfp_run_id: str, status: dsl.PipelineTaskFinalStatus) -> str:
-    """Exit handler: mark the pipeline's MLflow run FINISHED, or FAILED when a step failed."""
+    """Exit handler: mark the pipeline's MLflow run FINISHED, or FAILED when a step failed.
+
+    Args:
+        kfp_run_id: The KFP run's id (the `{{$.pipeline_job_uuid}}` placeholder): finds the pipeline's MLflow run.
+        status: Filled in by KFP, not by the user: the final state of the ExitHandler's tasks and the first error.
+
+    Returns:
+        Output: The status set: "FINISHED", "FAILED", or "none" when there is no MLflow run (tracking off).
+    """
     from sharegpt4v import stages as steps
 
     return steps.finish_pipeline_run(kfp_run_id, status.state, status.error_message or "")
@@ -48,10 +95,32 @@ def finish_run(kfp_run_id: str, status: dsl.PipelineTaskFinalStatus) -> str:
 # data ---------------------------------------------------------------------------------------------
 
 
-@component
+@component(
+    reads="nothing: the world is rendered from `seed` and the recipe's `world` section",
+    writes="image shards + manifest (with the ground truth) at `<out_root>/world-<key>` (S3); a nested MLflow run"
+)
 def synthetic_world(out_root: str, images: int, seed: int, profile: str, overrides: list,
                     metrics: Output[Metrics]) -> NamedTuple("Outputs", [("uri", str), ("digest", str)]):
-    """Render a synthetic world (known ground truth) into image shards."""
+    """Render a synthetic world (known ground truth) into image shards.
+
+    Each image comes with the facts it shows, so captions and answers can be scored against the truth.
+
+    Args:
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/world-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/data".
+        images: Images to render (count), e.g. 6000; split into train/val by the recipe.
+        seed: Random seed of the world (integer, e.g. 0): the same seed and recipe give the same images.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        uri: The world's dataset folder (image shards + manifest).
+        digest: Digest of its manifest (16 hex digits): the cache key of the steps that read it.
+        metrics: images and shards written, and the images per split (`split.<name>`).
+    """
     from sharegpt4v import stages as steps
 
     result = steps.synthetic_world(out_root, images, seed, profile, overrides)
@@ -63,10 +132,37 @@ def synthetic_world(out_root: str, images: int, seed: int, profile: str, overrid
     return outputs(result["uri"], result["digest"])
 
 
-@component
+@component(
+    reads="`source_uri`: a folder of images, img2dataset WebDataset shards or a LLaVA conversation JSON (S3 or local)",
+    writes="image shards + manifest at `<out_root>/ingested-<key>` (S3), with an error or duplicate record for every "
+           "bad or repeated input; a nested MLflow run"
+)
 def ingest(source_uri: str, out_root: str, kind: str, source_name: str, profile: str, overrides: list,
            metrics: Output[Metrics]) -> NamedTuple("Outputs", [("uri", str), ("digest", str)]):
-    """Images / img2dataset shards / a LLaVA conversation JSON -> image shards with a manifest."""
+    """Images / img2dataset shards / a LLaVA conversation JSON -> image shards with a manifest.
+
+    A bad image becomes an error record with a reason, a repeated one a duplicate record; nothing crashes on a
+    sample.
+
+    Args:
+        source_uri: Where the images are, e.g. "s3://datasets/coco/train2017/" (a folder, searched recursively),
+            an img2dataset shard folder, or "s3://datasets/sharegpt4v/share-captioner_coco_lcs_sam_1246k.json".
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/ingested-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/data".
+        kind: What `source_uri` is: "auto" (detected), "folder", "wds" (WebDataset shards) or "json" (LLaVA
+            conversations).
+        source_name: The samples' source name in the manifest, e.g. "coco"; "" derives it from `source_uri`.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        uri: The dataset folder (image shards + manifest).
+        digest: Digest of its manifest (16 hex digits): the cache key of the steps that read it.
+        metrics: Inputs that became images (ok), errors (error) and repeats (duplicate), as counts.
+    """
     from sharegpt4v import stages as steps
 
     result = steps.ingest_images(source_uri, out_root, kind, source_name, profile, overrides)
@@ -76,9 +172,20 @@ def ingest(source_uri: str, out_root: str, kind: str, source_name: str, profile:
     return outputs(result["uri"], result["digest"])
 
 
-@component
+@component(
+    reads="the manifest of the folder at `uri` (S3)",
+    writes="nothing"
+)
 def dataset_digest(uri: str) -> str:
-    """Digest of a complete folder's manifest (dataset or caption set): the cache key of what reads it."""
+    """Digest of a complete folder's manifest (dataset or caption set): the cache key of what reads it.
+
+    Args:
+        uri: A complete dataset or caption set folder, e.g. "s3://sharegpt4v/pipeline/data/world-0123456789ab";
+            a folder without a manifest fails the task.
+
+    Returns:
+        Output: The manifest's digest, 16 hex digits.
+    """
     from sharegpt4v import stages as steps
 
     return steps.folder_digest(uri)
@@ -87,11 +194,43 @@ def dataset_digest(uri: str) -> str:
 # captioning ---------------------------------------------------------------------------------------
 
 
-@component
+@component(
+    reads="the dataset's images of `split` (S3); the teacher VLM's chat-completions API",
+    writes="a caption set at `<out_root>/seed-<key>` (S3); a nested MLflow run (counts, cost)",
+    teacher=True,
+    needs='network access to the teacher endpoint (none with `teacher_endpoint="synthetic"`)'
+)
 def seed_captions(dataset_uri: str, out_root: str, split: str, teacher_endpoint: str, teacher_model: str,
                   budget_usd: float, profile: str, overrides: list,
                   metrics: Output[Metrics]) -> NamedTuple("Outputs", [("uri", str), ("digest", str)]):
-    """Seed captions from the teacher VLM (OpenAI-compatible; key from the teacher Secret)."""
+    """Seed captions from the teacher VLM (OpenAI-compatible; key from the teacher Secret).
+
+    Exactly once per shard: a retried or resubmitted task continues where the last one stopped.
+
+    Args:
+        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/seed-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/captions".
+        split: The images the teacher captions, e.g. "val"; "" for every image.
+        teacher_endpoint: OpenAI-compatible base URL ending in /v1, e.g. "http://teacher.sharegpt4v:8000/v1";
+            "" reads `OPENAI_BASE_URL` from the teacher Secret; "synthetic" starts the synthetic world's stand-in
+            teacher in the task (synthetic worlds only, no network).
+        teacher_model: The model the endpoint serves, e.g. "gpt-4o"; "" keeps the recipe's `teacher.model`.
+        budget_usd: Most the teacher may cost in this run, in US dollars (e.g. 50.0), priced per 1k tokens by the
+            recipe; 0 keeps the recipe's `teacher.budget_usd` (none: no cap). At the budget the task stops and
+            fails; a rerun continues.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        uri: The seed caption set folder.
+        digest: Digest of its manifest (16 hex digits): the cache key of the steps that read it.
+        metrics: Records captioned (ok), failed (error) and captioned in this run (captioned), as counts.
+    """
     from sharegpt4v import stages as steps
 
     result = steps.seed_captions(dataset_uri, out_root, split, teacher_endpoint, teacher_model, budget_usd, profile,
@@ -102,12 +241,30 @@ def seed_captions(dataset_uri: str, out_root: str, split: str, teacher_endpoint:
     return outputs(result["uri"], result["digest"])
 
 
-@component
+@component(
+    reads="nothing but its inputs",
+    writes="nothing (the job list is its output)"
+)
 def shard_groups(dataset_uri: str, dataset_digest: str, model: str, groups: int, overrides: list) -> list:
     """The fan-out of corpus captioning: one job per shard group, [{group, groups, dataset, model, overrides}].
 
     The jobs carry the upstream values the loop body needs (kfp.local resolves an upstream task's
     output inside a ParallelFor body to the loop item; the loop item itself is resolved right).
+
+    Args:
+        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
+            is never answered from the cache.
+        model: The captioner: a registered version or checkpoint, e.g. "models:/sharegpt4v-captioner@champion" or
+            "s3://sharegpt4v/pipeline/models/captioner-0123456789ab/final".
+        groups: Shard groups, i.e. parallel captioning tasks (count, at least 1), e.g. 4.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        Output: One job per group, {"group": i, "groups": groups, "dataset_uri", "dataset_digest", "model",
+            "overrides"}, i = 0 .. groups - 1.
     """
     if groups < 1:
         raise ValueError(f"shard_groups: need at least 1 group, got {groups}")
@@ -115,20 +272,68 @@ def shard_groups(dataset_uri: str, dataset_digest: str, model: str, groups: int,
              "overrides": list(overrides)} for i in range(groups)]
 
 
-@component
+@component(
+    reads="the captioner's checkpoint (S3, through the MLflow registry for models:/) and the images of its shard group",
+    writes="the caption shards of its group, into the corpus caption set `<out_root>/corpus-<key>` (S3); a nested "
+           "MLflow run",
+    gpu=True
+)
 def caption_shard_group(job: dict, out_root: str, split: str, gpus: int, profile: str) -> dict:
-    """Caption shard group `job["group"]` of `job["groups"]` of the corpus with the trained captioner."""
+    """Caption shard group `job["group"]` of `job["groups"]` of the corpus with the trained captioner.
+
+    Every group writes into one caption set (keyed by the dataset and the captioner's checkpoint), exactly once
+    per shard; `merge_captions` publishes it once every shard is done.
+
+    Args:
+        job: One item of `shard_groups`' output: {"group", "groups", "dataset_uri", "dataset_digest", "model",
+            "overrides"}.
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/corpus-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/captions".
+        split: The images to caption, e.g. "train"; "" for every image.
+        gpus: GPUs the task is given (count; its `nvidia.com/gpu` limit), e.g. 1; recorded in its MLflow run.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+
+    Returns:
+        Output: {"uri": the caption set, "group", "groups", "captioned", "ok", "error", "shards"}: counts of this
+            group.
+    """
     from sharegpt4v import stages as steps
 
     return steps.caption_shard_group(job["dataset_uri"], job["dataset_digest"], job["model"], out_root, job["group"],
                                      job["groups"], split, gpus, profile, job["overrides"])
 
 
-@component
+@component(
+    reads="the corpus caption set, the dataset and the `reference` caption set (S3)",
+    writes="the caption set's manifest (publishes it); a quality report (HTML + JSON) at "
+           "`<report_root>/report-<caption set>` (S3); a nested MLflow run"
+)
 def merge_captions(dataset_uri: str, split: str, groups: list, reference: str, report_root: str,
                    metrics: Output[Metrics], report: Output[HTML]) -> NamedTuple("Outputs", [("uri", str),
                                                                                             ("digest", str)]):
-    """Fan-in: publish the corpus caption set once every shard is captioned; its quality report."""
+    """Fan-in: publish the corpus caption set once every shard is captioned; its quality report.
+
+    The report compares the set with `reference` and, on a synthetic world, scores the captions' facts against
+    the ground truth.
+
+    Args:
+        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        split: The split that was captioned, e.g. "train"; "" for every image.
+        groups: The outputs of every `caption_shard_group` task (`dsl.Collected`); they name one caption set.
+        reference: A caption set to compare with, e.g. the teacher's seed captions
+            "s3://sharegpt4v/pipeline/captions/seed-0123456789ab"; "" for none.
+        report_root: S3 prefix of the report, written to `<report_root>/report-<caption set name>`, e.g.
+            "s3://sharegpt4v/pipeline/reports".
+
+    Returns:
+        uri: The published corpus caption set.
+        digest: Digest of its manifest (16 hex digits): the cache key of the steps that read it.
+        metrics: Records per status (`records.<status>`) and the report's caption quality metrics.
+        report: The caption quality report (HTML: metrics, samples side by side).
+    """
     from sharegpt4v import stages as steps
 
     result = steps.merge_captions(dataset_uri, split, groups, reference, report_root)
@@ -145,11 +350,34 @@ def merge_captions(dataset_uri: str, split: str, groups: list, reference: str, r
 # training -----------------------------------------------------------------------------------------
 
 
-@component
+@component(
+    reads="the dataset (S3), only when the recipe builds its model from config",
+    writes="the CLIP and Vicuna stand-ins at `<out_root>/foundations-<key>` (S3; tiny profile only); a nested MLflow "
+           "run"
+)
 def foundations(dataset_uri: str, dataset_digest: str, out_root: str, profile: str, overrides: list,
                 metrics: Output[Metrics]) -> list:
     """The recipe overrides of every later task: `overrides`, plus the CLIP and Vicuna stand-ins trained on
-    the data when the model is built from config (tiny profile); unchanged for checkpoint-based recipes."""
+    the data when the model is built from config (tiny profile); unchanged for checkpoint-based recipes.
+
+    Args:
+        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
+            is never answered from the cache.
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/foundations-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/models".
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        Output: The overrides every later task uses: `overrides` plus the stand-ins' paths
+            (`model.vision.path=...`, `model.language.path=...`) when they were trained here.
+        metrics: The stand-ins' training metrics (empty for checkpoint-based recipes).
+    """
     from sharegpt4v import stages as steps
 
     result = steps.foundations(dataset_uri, dataset_digest, out_root, profile, overrides)
@@ -158,13 +386,46 @@ def foundations(dataset_uri: str, dataset_digest: str, out_root: str, profile: s
     return result["overrides"]
 
 
-@component
+@component(
+    reads="the dataset's images and brief captions of `split` (S3)",
+    writes="checkpoints at `<out_root>/base-<key>` (S3); an MLflow run; the registered model sharegpt4v-base (alias "
+           "candidate)",
+    gpu=True
+)
 def train_base(dataset_uri: str, dataset_digest: str, split: str, out_root: str, gpus: int, profile: str,
                overrides: list, metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str),
                                                                                    ("model_uri", str),
                                                                                    ("digest", str), ("version", str)]):
     """Pretrain on brief captions (LLaVA-1.5's stage): the LMM the captioner is fine-tuned from; register it
-    (sharegpt4v-base)."""
+    (sharegpt4v-base).
+
+    A retried task resumes from its newest checkpoint; a finished one returns at once.
+
+    Args:
+        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
+            is never answered from the cache.
+        split: The images whose brief captions it trains on, e.g. "train"; "" for every image.
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/base-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/models".
+        gpus: Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
+            node, 1 locally.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        checkpoint_uri: The checkpoint folder the run wrote (S3), under `<out_root>/base-<key>`.
+        model_uri: The registered version, "models:/sharegpt4v-base/<version>" (the checkpoint URI when MLflow
+            tracking is off): what later steps load.
+        digest: Digest of the checkpoint (12 hex digits): the cache key of the steps that read it.
+        version: The MLflow model registry version, e.g. "3" ("" when tracking is off).
+        metrics: steps, final_loss (mean token cross-entropy of the last steps), samples_seen and flagged_samples
+            (samples skipped as malformed) of the run.
+    """
     from sharegpt4v import stages as steps
 
     result = steps.train("pretrain", dataset_uri, dataset_digest, "", "", "", out_root, gpus, profile,
@@ -175,20 +436,68 @@ def train_base(dataset_uri: str, dataset_digest: str, split: str, out_root: str,
     return outputs(result["checkpoint_uri"], result["model_uri"], result["digest"], result["version"])
 
 
-@component
+@component(
+    reads="nothing but its input",
+    writes="nothing"
+)
 def given_model(model: str) -> NamedTuple("Outputs", [("model_uri", str)]):
-    """A model given as a pipeline parameter, as a task output (the other branch of `train_base`)."""
+    """A model given as a pipeline parameter, as a task output (the other branch of `train_base`).
+
+    Args:
+        model: A registered version or checkpoint, e.g. "models:/llava-1.5-7b/1" or "s3://models/llava-1.5-7b-hf".
+
+    Returns:
+        model_uri: `model`, unchanged.
+    """
     outputs = NamedTuple("Outputs", [("model_uri", str)])
     return outputs(model)
 
 
-@component
+@component(
+    reads="the dataset's images of `split`, the seed caption set and the `init` model (S3, through the MLflow "
+          "registry for models:/)",
+    writes="checkpoints at `<out_root>/captioner-<key>` (S3); an MLflow run; the registered model "
+           "sharegpt4v-captioner (alias candidate)",
+    gpu=True
+)
 def train_captioner(dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str,
                     split: str, out_root: str, gpus: int, profile: str, overrides: list,
                     metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str),
                                                                         ("digest", str), ("version", str)]):
     """Fine-tune the captioner from a pretrained LMM on the teacher's seed captions of `split`; register it
-    (sharegpt4v-captioner, alias candidate)."""
+    (sharegpt4v-captioner, alias candidate).
+
+    A retried task resumes from its newest checkpoint; a finished one returns at once.
+
+    Args:
+        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
+            is never answered from the cache.
+        captions: The teacher's seed caption set, e.g. "s3://sharegpt4v/pipeline/captions/seed-0123456789ab".
+        captions_digest: Digest of the caption set's manifest (16 hex digits): part of the cache key.
+        init: The pretrained LMM to start from: a registered version or checkpoint, e.g.
+            "models:/sharegpt4v-base/1"; "" builds it from the recipe.
+        split: The images the seed captions describe, e.g. "val".
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/captioner-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/models".
+        gpus: Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
+            node, 1 locally.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        checkpoint_uri: The checkpoint folder the run wrote (S3), under `<out_root>/captioner-<key>`.
+        model_uri: The registered version, "models:/sharegpt4v-captioner/<version>" (the checkpoint URI when MLflow
+            tracking is off): what later steps load.
+        digest: Digest of the checkpoint (12 hex digits): the cache key of the steps that read it.
+        version: The MLflow model registry version, e.g. "3" ("" when tracking is off).
+        metrics: steps, final_loss (mean token cross-entropy of the last steps), samples_seen and flagged_samples
+            (samples skipped as malformed) of the run.
+    """
     from sharegpt4v import stages as steps
 
     result = steps.train("captioner", dataset_uri, dataset_digest, captions, captions_digest, init, out_root, gpus,
@@ -199,12 +508,50 @@ def train_captioner(dataset_uri: str, dataset_digest: str, captions: str, captio
     return outputs(result["checkpoint_uri"], result["model_uri"], result["digest"], result["version"])
 
 
-@component
+@component(
+    reads="the dataset's images of `split`, the corpus caption set and the `init` model, if any (S3)",
+    writes="checkpoints at `<out_root>/pretrain-<key>` (S3); an MLflow run; the registered model "
+           "sharegpt4v-pretrained (alias candidate)",
+    gpu=True
+)
 def pretrain(dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str, split: str,
              out_root: str, gpus: int, profile: str, overrides: list,
              metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str), ("model_uri", str),
                                                                  ("digest", str), ("version", str)]):
-    """Pretrain the LMM on the corpus split with its detailed captions; register it (sharegpt4v-pretrained)."""
+    """Pretrain the LMM on the corpus split with its detailed captions; register it (sharegpt4v-pretrained).
+
+    A retried task resumes from its newest checkpoint; a finished one returns at once.
+
+    Args:
+        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
+            is never answered from the cache.
+        captions: The corpus caption set (the captioner's), e.g.
+            "s3://sharegpt4v/pipeline/captions/corpus-0123456789ab".
+        captions_digest: Digest of the caption set's manifest (16 hex digits): part of the cache key.
+        init: Where pretraining starts: a registered version or checkpoint, e.g. "models:/sharegpt4v-base/1";
+            "" builds the model from the recipe's vision encoder and language model.
+        split: The images whose captions it trains on, e.g. "train"; "" for every image.
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/pretrain-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/models".
+        gpus: Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
+            node, 1 locally.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        checkpoint_uri: The checkpoint folder the run wrote (S3), under `<out_root>/pretrain-<key>`.
+        model_uri: The registered version, "models:/sharegpt4v-pretrained/<version>" (the checkpoint URI when MLflow
+            tracking is off): what later steps load.
+        digest: Digest of the checkpoint (12 hex digits): the cache key of the steps that read it.
+        version: The MLflow model registry version, e.g. "3" ("" when tracking is off).
+        metrics: steps, final_loss (mean token cross-entropy of the last steps), samples_seen and flagged_samples
+            (samples skipped as malformed) of the run.
+    """
     from sharegpt4v import stages as steps
 
     result = steps.train("pretrain", dataset_uri, dataset_digest, captions, captions_digest, init, out_root, gpus,
@@ -215,12 +562,46 @@ def pretrain(dataset_uri: str, dataset_digest: str, captions: str, captions_dige
     return outputs(result["checkpoint_uri"], result["model_uri"], result["digest"], result["version"])
 
 
-@component
+@component(
+    reads="the dataset's SFT questions of `split` and the pretrained `init` model (S3)",
+    writes="checkpoints at `<out_root>/sft-<key>` (S3); an MLflow run; the registered model sharegpt4v-chat (alias "
+           "candidate)",
+    gpu=True
+)
 def sft(dataset_uri: str, dataset_digest: str, init: str, split: str, out_root: str, gpus: int, profile: str,
         overrides: list, metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str),
                                                                             ("model_uri", str), ("digest", str),
                                                                             ("version", str)]):
-    """Instruction-tune the pretrained LMM on the SFT mix of `split`; register it (sharegpt4v-chat, alias candidate)."""
+    """Instruction-tune the pretrained LMM on the SFT mix of `split`; register it (sharegpt4v-chat, alias candidate).
+
+    A retried task resumes from its newest checkpoint; a finished one returns at once.
+
+    Args:
+        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
+            is never answered from the cache.
+        init: The pretrained LMM: a registered version or checkpoint, e.g. "models:/sharegpt4v-pretrained/2".
+        split: The images whose questions it trains on, e.g. "val"; "" for every image.
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/sft-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/models".
+        gpus: Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
+            node, 1 locally.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        checkpoint_uri: The checkpoint folder the run wrote (S3), under `<out_root>/sft-<key>`.
+        model_uri: The registered version, "models:/sharegpt4v-chat/<version>" (the checkpoint URI when MLflow
+            tracking is off): what later steps load.
+        digest: Digest of the checkpoint (12 hex digits): the cache key of the steps that read it.
+        version: The MLflow model registry version, e.g. "3" ("" when tracking is off).
+        metrics: steps, final_loss (mean token cross-entropy of the last steps), samples_seen and flagged_samples
+            (samples skipped as malformed) of the run.
+    """
     from sharegpt4v import stages as steps
 
     result = steps.train("sft", dataset_uri, dataset_digest, "", "", init, out_root, gpus, profile, overrides,
@@ -234,11 +615,40 @@ def sft(dataset_uri: str, dataset_digest: str, init: str, split: str, out_root: 
 # evaluation, registry, serving --------------------------------------------------------------------
 
 
-@component
+@component(
+    reads="the model (S3, through the MLflow registry for models:/) and the dataset's benchmark questions",
+    writes="answers, results.json, results.md and results.png at `<out_root>/eval-<key>` (S3); a nested MLflow run",
+    gpu=True
+)
 def evaluate(model: str, model_digest: str, dataset_uri: str, out_root: str, metric: str, gpus: int, profile: str,
              overrides: list, metrics: Output[Metrics],
              table: Output[HTML]) -> NamedTuple("Outputs", [("score", float), ("results", dict), ("out", str)]):
-    """Answer and score the benchmarks of `eval.benchmarks`; `score` is the champion metric."""
+    """Answer and score the benchmarks of `eval.benchmarks`; `score` is the champion metric.
+
+    Args:
+        model: The model to evaluate: a registered version or checkpoint, e.g. "models:/sharegpt4v-chat/4".
+        model_digest: Digest of the model's checkpoint (12 hex digits): only part of the cache key, so a new checkpoint
+            under the same reference is evaluated again.
+        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/eval-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/eval".
+        metric: The champion metric, "<benchmark>.<metric>", e.g. "world-vqa.overall" (accuracy, 0 to 1); the task
+            fails when the benchmarks do not measure it.
+        gpus: GPUs the task is given (count; its `nvidia.com/gpu` limit), e.g. 1; recorded in its MLflow run.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        score: The value of `metric` (what the promotion gate compares with the threshold).
+        results: Every metric measured, {"<benchmark>.<metric>": value}.
+        out: The folder of the answers and results.
+        metrics: Every metric measured (the KFP UI's metrics tab).
+        table: The results table (HTML).
+    """
     import html
 
     from sharegpt4v import stages as steps
@@ -253,26 +663,75 @@ def evaluate(model: str, model_digest: str, dataset_uri: str, out_root: str, met
     return outputs(result["score"], result["metrics"], result["out"])
 
 
-@component
+@component(
+    reads="nothing but its inputs",
+    writes="nothing"
+)
 def champion_score(results: dict, metric: str) -> float:
-    """The metric the promotion gate compares (one output: kfp.local's If reads only a task's single output)."""
+    """The metric the promotion gate compares (one output: kfp.local's If reads only a task's single output).
+
+    Args:
+        results: `evaluate`'s results, {"<benchmark>.<metric>": value}.
+        metric: The champion metric, e.g. "world-vqa.overall"; the task fails when `results` lacks it.
+
+    Returns:
+        Output: `results[metric]`, a float (accuracy metrics: 0 to 1).
+    """
     if metric not in results:
         raise ValueError(f"champion metric {metric!r} was not measured (have: {', '.join(sorted(results))})")
     return float(results[metric])
 
 
-@component
+@component(
+    reads="the registered version behind `model` (MLflow)",
+    writes="the MLflow registry: alias `alias` on the version, tags eval.<metric> and promoted_by; a nested MLflow run"
+)
 def promote(model: str, results: dict, metric: str, threshold: float, alias: str) -> str:
-    """Alias the registered version `alias` (champion) in MLflow, tagged with its evaluation."""
+    """Alias the registered version `alias` (champion) in MLflow, tagged with its evaluation.
+
+    Args:
+        model: The registered version to promote, "models:/<name>/<version>", e.g. "models:/sharegpt4v-chat/4";
+            a plain checkpoint fails the task.
+        results: `evaluate`'s results, {"<benchmark>.<metric>": value}; each becomes a tag `eval.<metric>`.
+        metric: The champion metric the version was gated on, e.g. "world-vqa.overall".
+        threshold: The value `metric` cleared (e.g. 0.5), recorded in the tag `promoted_by`; the gate itself is
+            the pipeline's `dsl.If`.
+        alias: The registry alias to set, e.g. "champion" (the serving and caption-corpus default).
+
+    Returns:
+        Output: The promoted model, "models:/<name>@<alias>", e.g. "models:/sharegpt4v-chat@champion".
+    """
     from sharegpt4v import stages as steps
 
     return steps.promote(model, results, metric, threshold, alias)["uri"]
 
 
-@component
+@component(
+    reads="the chat model's and the captioner's checkpoints (S3, through the MLflow registry for models:/)",
+    writes="a Triton model repository at `<out_root>/repository-<key>` (S3; the KServe storageUri); a nested MLflow run"
+)
 def export_model_repository(chat_model: str, captioner_model: str, out_root: str, kind: str, profile: str,
                             overrides: list) -> NamedTuple("Outputs", [("uri", str), ("digest", str)]):
-    """Export the chat model and the captioner as a Triton model repository (KServe storageUri) in S3."""
+    """Export the chat model and the captioner as a Triton model repository (KServe storageUri) in S3.
+
+    Args:
+        chat_model: The chat model: a registered version or checkpoint, e.g. "models:/sharegpt4v-chat/4"; "" leaves
+            it out.
+        captioner_model: The captioner, e.g. "models:/sharegpt4v-captioner/2"; "" leaves it out.
+        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/repository-<key>` (the key: 12 hex
+            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+            "s3://sharegpt4v/pipeline/serving".
+        kind: The Triton instance kind: "KIND_GPU" (the cluster) or "KIND_CPU" (local, dev); "" keeps the recipe's
+            `serving.instance_kind`.
+        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+
+    Returns:
+        uri: The model repository folder (what an InferenceService's storageUri points at).
+        digest: Digest of the repository (16 hex digits).
+    """
     from sharegpt4v import stages as steps
 
     models = {name: ref for name, ref in (("chat", chat_model), ("captioner", captioner_model)) if ref}
@@ -281,10 +740,30 @@ def export_model_repository(chat_model: str, captioner_model: str, out_root: str
     return outputs(result["uri"], result["digest"])
 
 
-@component
+@component(
+    reads="nothing in S3: the InferenceService points KServe at `storage_uri`",
+    writes="the KServe InferenceService of `model` in `namespace` (Kubernetes API; nothing with `dry_run`); a nested "
+           "MLflow run",
+    needs="RBAC to get, create and patch KServe InferenceServices in `namespace` (the pipeline runner's service "
+          "account, manifests/)"
+)
 def deploy(model: str, storage_uri: str, serving_profile: str, namespace: str, dry_run: bool,
            manifest: Output[HTML]) -> str:
-    """Create or patch the KServe InferenceService of `model` through the Kubernetes API (dry run: print it)."""
+    """Create or patch the KServe InferenceService of `model` through the Kubernetes API (dry run: print it).
+
+    Args:
+        model: Which model's InferenceService: "chat" or "captioner".
+        storage_uri: The Triton model repository it serves, e.g.
+            "s3://sharegpt4v/pipeline/serving/repository-0123456789ab".
+        serving_profile: Serving resources: "prod" (one A100 80GB per replica, autoscaled) or "dev" (CPU, one
+            replica).
+        namespace: Kubernetes namespace of the InferenceService, e.g. "sharegpt4v"; "" uses the pod's own.
+        dry_run: true: only render the object (shown in `manifest`), call nothing; false: create or patch it.
+
+    Returns:
+        Output: What happened: "created", "patched" or "dry-run".
+        manifest: The InferenceService as YAML (HTML).
+    """
     import html
 
     from sharegpt4v import stages as steps

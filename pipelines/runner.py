@@ -1,8 +1,14 @@
 """Compile, check, run locally and submit the pipelines.
 
-    compile_all()                      -> {name: path}: the IR YAML under pipelines/compiled/
+    compile_all(out_dir, image)        -> {name: path}: the IR YAML under pipelines/compiled/, every
+                                          component on `image` (default: components.resources.IMAGE)
+                                          and every parameter described
+    write_reference(paths)             -> path: components/COMPONENTS.md from the components' docstrings,
+                                          their cards (components.catalog) and the compiled pipelines
     check_compiled()                   -> [problems]: committed YAML == what the code compiles to,
-                                          and each file parses as the KFP PipelineSpec/PlatformSpec
+                                          each file parses as the KFP PipelineSpec/PlatformSpec, the
+                                          component reference is up to date and the cards agree with
+                                          the pipelines
     run_local(workdir, ...)            -> dict: the end-to-end pipeline with kfp.local in this
                                           environment, on embedded S3 + MLflow (or the ones in env)
     submit(host, ...)                  -> dict: a run (or a recurring run) on a KFP endpoint
@@ -15,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -23,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sharegpt4v.environment import patched_environ
-from sharegpt4v.errors import PlatformError
+from sharegpt4v.errors import PlatformError, UsageError, first_line
 
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
 BUCKET = "sharegpt4v"
@@ -43,19 +50,184 @@ def _pipelines() -> dict[str, Any]:
     return PIPELINES
 
 
-def compile_pipeline(name: str, path: str | Path) -> Path:
-    from kfp import compiler
+# An OCI image reference (the distribution grammar): [registry[:port]/]path[:tag][@digest], with a tag
+# or a digest (a bare name would mean `latest`, which no two clusters agree on).
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?)"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+_IMAGE_REF = re.compile(rf"(?:{_DOMAIN}/)?{_PATH}(?P<tag>:[\w][\w.-]{{0,127}})?"
+                        r"(?P<digest>@(?:sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}))?")
+
+
+def default_image() -> str:
+    """The image of the committed compiled files: `components.resources.IMAGE` (the training image)."""
+    from components.resources import IMAGE
+
+    return IMAGE
+
+
+def image_reference(ref: str) -> str:
+    """`ref` if it is an image reference with a tag or a digest, e.g.
+    registry.example/sharegpt4v/train@sha256:<64 hex digits>; else a `UsageError`."""
+    match = _IMAGE_REF.fullmatch(ref or "")
+    if not match or not (match.group("tag") or match.group("digest")):
+        raise UsageError(f"--image {ref!r}: not an image reference; expected REGISTRY/IMAGE@sha256:<64 hex digits> "
+                         "(or REGISTRY/IMAGE:TAG)")
+    return ref
+
+
+def compile_pipeline(name: str, path: str | Path, image: str | None = None) -> Path:
+    """Compile pipeline `name` to IR YAML at `path`, every component on `image` (default: `default_image()`).
+
+    What `kfp.compiler.Compiler().compile` does, with steps between building the spec and writing it:
+    the executors' image is set (a component's `base_image` is fixed when it is decorated), the
+    parameters of the DAG components (ExitHandler, If, ParallelFor) get the description of the value
+    they carry, and each description becomes one line. A parameter left without a description is an
+    error: the docstrings' `Args:` and `Returns:` describe every input and output.
+    """
+    from kfp.compiler import pipeline_spec_builder as builder
 
     if name not in _pipelines():
         raise PipelineError(f"pipeline {name!r}: choose one of {', '.join(_pipelines())}")
+    image = default_image() if image is None else image_reference(image)
+    pipeline = _pipelines()[name]
+    spec = builder.modify_pipeline_spec_with_override(pipeline.pipeline_spec, None, None)  # a copy
+    set_image(spec, image)
+    describe_channels(spec)
+    for definition in _definitions(spec):  # a docstring's line breaks are no paragraphs: one line each
+        definition.description = " ".join(definition.description.split())
+    missing = undocumented(spec)
+    if missing:
+        raise PipelineError(f"pipeline {name!r}: no description for {', '.join(missing)} (document it in the Args: or "
+                            "Returns: of its function's docstring)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(_pipelines()[name], str(path))
+    builder.write_pipeline_spec_to_file(pipeline_spec=spec, pipeline_description=pipeline.description,
+                                        platform_spec=pipeline.platform_spec, package_path=str(path))
     return path
 
 
-def compile_all(out_dir: str | Path = COMPILED_DIR) -> dict[str, Path]:
-    return {name: compile_pipeline(name, Path(out_dir) / f"{name}.yaml") for name in _pipelines()}
+def compile_all(out_dir: str | Path = COMPILED_DIR, image: str | None = None) -> dict[str, Path]:
+    if image is not None:
+        image = image_reference(image)
+    return {name: compile_pipeline(name, Path(out_dir) / f"{name}.yaml", image) for name in _pipelines()}
+
+
+def set_image(spec: Any, image: str) -> None:
+    """Every container executor of a PipelineSpec runs `image`."""
+    for executor in spec.deployment_spec["executors"].values():
+        if "container" in executor:
+            executor["container"]["image"] = image
+
+
+def describe_channels(spec: Any) -> None:
+    """Give each input and output parameter of the DAG components (`pipelinechannel--...`: what an
+    ExitHandler, If or ParallelFor passes on) the description of the value it carries: the pipeline
+    parameter's, or the output's of the task that produces it."""
+    components = spec.components
+    graphs = {"root": spec.root, **{name: c for name, c in components.items() if c.WhichOneof("implementation") == "dag"}}
+    users: dict[str, list[tuple[str, Any]]] = {}  # component -> [(the DAG holding a task of it, the task)]
+    for graph_name, graph in graphs.items():
+        for task in graph.dag.tasks.values():
+            users.setdefault(task.component_ref.name, []).append((graph_name, task))
+
+    def component_output(name: str, key: str) -> tuple[list[str], str]:
+        """(where the value comes from, its description) of output `key` of component `name`."""
+        comp = components[name]
+        if comp.WhichOneof("implementation") != "dag" or key not in comp.dag.outputs.parameters:
+            defined = comp.output_definitions.parameters
+            return [], defined[key].description if key in defined else ""
+        out = comp.dag.outputs.parameters[key]  # a DAG passes on what one of its tasks produces
+        selectors = ([out.value_from_parameter] if out.WhichOneof("kind") == "value_from_parameter"
+                     else list(out.value_from_oneof.parameter_selectors))
+        found = [task_output(name, s.producer_subtask, s.output_parameter_key) for s in selectors]
+        return [where for origin, _ in found for where in origin], next((d for _, d in found if d), "")
+
+    def task_output(graph_name: str, task_name: str, key: str) -> tuple[list[str], str]:
+        producer = graphs[graph_name].dag.tasks[task_name].component_ref.name
+        origin, description = component_output(producer, key)
+        return origin or [f"`{key}` of task `{task_name}`"], description
+
+    def component_input(name: str, key: str) -> str:
+        defined = graphs[name].input_definitions.parameters
+        if key in defined and defined[key].description:
+            return defined[key].description
+        for graph_name, task in users.get(name, []):
+            if key in task.inputs.parameters:
+                source = task.inputs.parameters[key]
+                kind = source.WhichOneof("kind")
+                if kind == "component_input_parameter":
+                    description = component_input(graph_name, source.component_input_parameter)
+                elif kind == "task_output_parameter":
+                    origin, text = task_output(graph_name, source.task_output_parameter.producer_task,
+                                               source.task_output_parameter.output_parameter_key)
+                    description = f"{' or '.join(dict.fromkeys(origin))}: {text}" if text else ""
+                else:
+                    description = ""
+            elif task.HasField("parameter_iterator") and task.parameter_iterator.item_input == key:
+                items = component_input(name, task.parameter_iterator.items.input_parameter)
+                description = f"One item of the loop over {items}" if items else ""
+            else:
+                continue
+            if description:
+                return description
+        return ""
+
+    for name, comp in graphs.items():
+        if name == "root":
+            continue
+        for key, parameter in comp.input_definitions.parameters.items():
+            if not parameter.description:
+                parameter.description = component_input(name, key)
+        for key, parameter in comp.output_definitions.parameters.items():
+            if not parameter.description:
+                origin, text = component_output(name, key)
+                parameter.description = f"{' or '.join(dict.fromkeys(origin))}: {text}" if text and origin else text
+
+
+def _definitions(spec: Any, named: bool = False) -> list[Any]:
+    """Every input and output definition (parameters and artifacts) of a PipelineSpec's root and
+    components; with `named`, as ("<component>.<inputs|outputs>.<name>", definition)."""
+    found = []
+    for name, comp in [("root", spec.root), *sorted(spec.components.items())]:
+        for side, definitions in (("inputs", comp.input_definitions), ("outputs", comp.output_definitions)):
+            for kind in (definitions.parameters, definitions.artifacts):
+                found += [(f"{name}.{side}.{key}", value) for key, value in sorted(kind.items())]
+    return found if named else [value for _, value in found]
+
+
+def undocumented(spec: Any) -> list[str]:
+    """The inputs and outputs (parameters and artifacts) of a PipelineSpec's root and components that
+    have no description, as "<component>.<inputs|outputs>.<name>"."""
+    return [name for name, value in _definitions(spec, named=True) if not value.description.strip()]
+
+
+def load_compiled(paths: dict[str, Path]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """{pipeline: (PipelineSpec as a dict, the Kubernetes platform spec's executors)} of compiled files."""
+    import yaml
+
+    loaded = {}
+    for name, path in paths.items():
+        docs = list(yaml.safe_load_all(Path(path).read_text()))
+        k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+        loaded[name] = (docs[0], k8s)
+    return loaded
+
+
+def render_reference(paths: dict[str, Path]) -> str:
+    """components/COMPONENTS.md for the compiled files at `paths` (see `components.catalog`)."""
+    from components import catalog
+
+    return catalog.render_reference(load_compiled(paths), default_image())
+
+
+def write_reference(paths: dict[str, Path], path: str | Path | None = None) -> Path:
+    from components import catalog
+
+    path = Path(path or catalog.REFERENCE_PATH)
+    text = render_reference(paths)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
 def parse_ir(path: str | Path) -> tuple[Any, Any]:
@@ -72,25 +244,41 @@ def parse_ir(path: str | Path) -> tuple[Any, Any]:
     return spec, platform
 
 
-def check_compiled(out_dir: str | Path = COMPILED_DIR) -> list[str]:
-    """Problems with the committed IR YAML (empty when it is up to date and valid)."""
+def check_compiled(out_dir: str | Path = COMPILED_DIR, image: str | None = None,
+                   reference: str | Path | None = None) -> list[str]:
+    """Problems with the committed IR YAML (empty when it is up to date and valid): each file must be
+    what `compile_all(image=image)` writes (default: the default image) and parse as the KFP protobufs;
+    the component reference (`reference`, default components/COMPONENTS.md) must be what
+    `write_reference` writes, and the components' cards must agree with the pipelines."""
+    from components import catalog
+
     problems = []
     out_dir = Path(out_dir)
+    reference = Path(reference or catalog.REFERENCE_PATH)
     with tempfile.TemporaryDirectory(prefix="sharegpt4v-ir-") as tmp:
-        fresh = compile_all(tmp)
+        try:
+            fresh = compile_all(tmp, image)
+        except PipelineError as exc:
+            return [first_line(exc)]
         for name, path in fresh.items():
             committed = out_dir / path.name
             if not committed.exists():
                 problems.append(f"{committed}: missing (run `sharegpt4v pipeline compile`)")
                 continue
             if committed.read_text() != path.read_text():
-                problems.append(f"{committed}: out of date with pipelines/definitions.py (run `sharegpt4v pipeline compile`)")
+                problems.append(f"{committed}: out of date with pipelines/definitions.py and components/stages.py "
+                                "(run `sharegpt4v pipeline compile`)")
             try:
                 parse_ir(committed)
             except Exception as exc:  # a parse error names the field
-                problems.append(f"{committed}: not a valid PipelineSpec/PlatformSpec: {exc}")
+                problems.append(f"{committed}: not a valid PipelineSpec/PlatformSpec: {first_line(exc)}")
         extra = sorted(p.name for p in out_dir.glob("*.yaml") if p.stem not in fresh)
         problems += [f"{out_dir / name}: no pipeline of that name in the code" for name in extra]
+        problems += catalog.check_cards(load_compiled(fresh))
+        if not reference.exists():
+            problems.append(f"{reference}: missing (run `sharegpt4v pipeline compile`)")
+        elif reference.read_text() != render_reference(fresh):
+            problems.append(f"{reference}: out of date with components/stages.py (run `sharegpt4v pipeline compile`)")
     return problems
 
 

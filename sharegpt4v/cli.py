@@ -640,16 +640,24 @@ def cmd_client(args: argparse.Namespace) -> int:
 def cmd_pipeline_compile(args: argparse.Namespace) -> int:
     from pipelines import runner  # kfp stays out of the core package: imported only for this command
 
+    image = None if args.image is None else runner.image_reference(args.image)  # a malformed one: exit 2
+    out = Path(args.out) if args.out else runner.COMPILED_DIR
     if args.check:
-        problems = runner.check_compiled()
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        if problems:
-            return 1
-        print(f"pipelines: the compiled IR YAML under {runner.COMPILED_DIR} is up to date and valid")
+        problems = runner.check_compiled(out, image)
+        if problems:  # one line, like every error
+            raise runner.PipelineError(problems[0] if len(problems) == 1 else
+                                       f"{len(problems)} problems: " + "; ".join(problems))
+        print(f"pipelines: the compiled IR YAML under {out} (image {image or runner.default_image()}) and the "
+              "component reference are up to date and valid")
         return 0
-    for name, path in runner.compile_all().items():
+    paths = runner.compile_all(out, image)
+    for name, path in paths.items():
         print(f"{name} -> {path}")
+    if out.resolve() == runner.COMPILED_DIR.resolve():
+        print(f"component reference -> {runner.write_reference(paths)}")
+        if image is not None:
+            print(f"note: {out} now runs {image}; `pipeline compile --check` expects the committed default "
+                  f"{runner.default_image()}", file=sys.stderr)
     return 0
 
 
@@ -868,8 +876,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, run locally, submit").add_subparsers(
         dest="action", required=True)
-    p = add(pipeline, "compile", cmd_pipeline_compile, "compile the pipelines to IR YAML under pipelines/compiled/")
-    p.add_argument("--check", action="store_true", help="only check that the committed YAML is up to date and valid")
+    p = add(pipeline, "compile", cmd_pipeline_compile, "compile the pipelines to IR YAML under pipelines/compiled/ "
+            "and write the component reference, components/COMPONENTS.md")
+    p.add_argument("--check", action="store_true", help="only check that the committed YAML (and the component "
+                   "reference, components/COMPONENTS.md) is up to date and valid")
+    p.add_argument("--image", default=None, metavar="REF",
+                   help="the container image of every component, e.g. registry.example/sharegpt4v/train@sha256:<64 hex> "
+                        "(default: components.resources.IMAGE, the image of the committed files)")
+    p.add_argument("--out", "--output-dir", dest="out", default=None, metavar="DIR",
+                   help="write (or with --check, compare) the IR YAML here instead of pipelines/compiled/")
     p = add(pipeline, "run", cmd_pipeline_run,
             "run the end-to-end pipeline with kfp.local here, on embedded S3 + MLflow and a synthetic world")
     p.add_argument("--local", action="store_true", required=True, help="run with kfp.local in this environment")

@@ -168,3 +168,159 @@ def test_no_secret_value_reaches_the_yaml(tmp_path: Path, monkeypatch: pytest.Mo
         for value in fake.values():
             assert value not in text
         assert "fake-uri-password" not in text
+
+
+# descriptions, the image, the component reference ------------------------------------------------------------
+
+DIGEST_REF = "registry.example/sharegpt4v@sha256:" + "0123456789abcdef" * 4
+
+
+def definitions(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every input and output definition, parameters and artifacts, of the root and every component:
+    "<component>.<inputs|outputs>.<name>" -> definition."""
+    found = {}
+    for comp_name, comp in [("root", spec["root"]), *spec["components"].items()]:
+        for side, key in (("inputs", "inputDefinitions"), ("outputs", "outputDefinitions")):
+            for kind in ("parameters", "artifacts"):
+                for name, value in comp.get(key, {}).get(kind, {}).items():
+                    found[f"{comp_name}.{side}.{name}"] = value
+    return found
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_parameter_of_every_pipeline_and_component_has_a_description(name: str) -> None:
+    spec, _ = load(name)
+    assert spec["pipelineInfo"]["description"].strip()
+    everything = definitions(spec)
+    assert len(everything) > 20
+    missing = sorted(key for key, value in everything.items() if not str(value.get("description", "")).strip())
+    assert missing == [], missing
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    assert "nvidia.com/gpu.product" in root["gpu_product"]["description"]
+    assert "count" in root[next(p for p in root if p.endswith("_gpus"))]["description"]
+    # the DAG components (ExitHandler, If, ParallelFor) pass the pipeline parameter's description on
+    exit_handler = spec["components"]["comp-exit-handler-1"]["inputDefinitions"]["parameters"]
+    assert exit_handler["pipelinechannel--gpu_product"]["description"] == root["gpu_product"]["description"]
+
+
+UNDOCUMENTED = '''
+from kfp import dsl
+
+
+@dsl.component(base_image="python:3.11")
+def documented(count: int, note: str) -> int:
+    """Count.
+
+    Args:
+        count: Items (count), e.g. 3.
+
+    Returns:
+        Output: The count.
+    """
+    return count
+
+
+@dsl.pipeline(name="tiny")
+def tiny(count: int = 3, note: str = ""):
+    """A pipeline.
+
+    Args:
+        count: Items (count), e.g. 3.
+        note: A note, e.g. "x".
+    """
+    documented(count=count, note=note)
+'''
+
+
+def test_a_parameter_without_a_description_fails_compile_and_check(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    source = tmp_path / "undocumented_pipeline.py"  # a module of its own: kfp reads the component's source
+    source.write_text(UNDOCUMENTED)
+    spec = importlib.util.spec_from_file_location("undocumented_pipeline", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(runner, "_pipelines", lambda: {"tiny": module.tiny})
+    out = tmp_path / "compiled"
+    with pytest.raises(runner.PipelineError, match=r"comp-documented\.inputs\.note"):
+        runner.compile_all(out)
+    problems = runner.check_compiled(out)
+    assert len(problems) == 1 and "no description for comp-documented.inputs.note" in problems[0]
+
+
+def test_compile_image_sets_every_executor_and_nothing_else(tmp_path: Path, capsys) -> None:
+    assert main(["pipeline", "compile", "--image", DIGEST_REF, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert sorted(p.stem for p in tmp_path.glob("*.yaml")) == sorted(PIPELINES)
+    for name in PIPELINES:
+        spec, platform = yaml.safe_load_all((tmp_path / f"{name}.yaml").read_text())
+        executors = spec["deploymentSpec"]["executors"]
+        assert executors and {e["container"]["image"] for e in executors.values()} == {DIGEST_REF}
+        committed, committed_platform = yaml.safe_load_all((runner.COMPILED_DIR / f"{name}.yaml").read_text())
+        assert {e["container"]["image"] for e in committed["deploymentSpec"]["executors"].values()} == {
+            runner.default_image()}  # the committed files: the documented default
+        for executor in committed["deploymentSpec"]["executors"].values():
+            executor["container"]["image"] = DIGEST_REF
+        assert spec == committed and platform == committed_platform
+    # the files compiled for the image are what --check --image expects; against the default they are stale
+    assert main(["pipeline", "compile", "--check", "--image", DIGEST_REF, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["pipeline", "compile", "--check", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "out of date" in err and "4 problems" in err
+
+
+@pytest.mark.parametrize("ref", ["", " ", "not an image", "registry.example/sharegpt4v@sha256:0123",
+                                 "registry.example/sharegpt4v", "registry.example/ShareGPT4V:0.1.0",
+                                 "registry.example/sharegpt4v@md5:" + "0" * 32, "registry.example/sharegpt4v:"])
+def test_a_malformed_image_is_a_usage_error(ref: str, tmp_path: Path, capsys) -> None:
+    assert main(["pipeline", "compile", "--image", ref, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--image" in err and "not an image reference" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("ref", [DIGEST_REF, "ghcr.io/org/sharegpt4v-train:0.1.0", "sharegpt4v/train:0.1.0",
+                                 "localhost:5000/sharegpt4v/train:0.1.0@sha256:" + "a" * 64])
+def test_image_references_with_a_tag_or_digest_are_accepted(ref: str) -> None:
+    assert runner.image_reference(ref) == ref
+
+
+def test_component_reference_is_generated_from_the_components_and_checked(tmp_path: Path) -> None:
+    from components import catalog
+
+    reference = catalog.REFERENCE_PATH
+    text = reference.read_text()
+    assert text == runner.render_reference({name: runner.COMPILED_DIR / f"{name}.yaml" for name in PIPELINES})
+    assert runner.default_image() in text and "--image" in text
+    for secret in (S3_SECRET, MLFLOW_SECRET, TEACHER_SECRET):
+        assert f"| `{secret}` |" in text
+    assert len(catalog.CATALOG) >= 20
+    for name, (component, card) in catalog.CATALOG.items():
+        section = text.split(f"\n## {name.replace('_', '-')}\n", 1)[1].split("\n## ", 1)[0]
+        assert f"| Reads | {card.reads} |" in section and f"| Writes | {card.writes} |" in section
+        for key in [*(component.component_spec.inputs or {}), *(component.component_spec.outputs or {})]:
+            assert f"| `{key}` |" in section
+        assert ("| GPUs | `nvidia.com/gpu`" in section) == card.gpu
+        assert (f"`{TEACHER_SECRET}`" in section) == card.teacher
+        # the same card ends the component's description
+        assert component.component_spec.description.endswith(card.text())
+    # stale or missing: --check says so
+    stale = tmp_path / "COMPONENTS.md"
+    stale.write_text(text.replace("| Reads |", "| Read |", 1))
+    assert any("COMPONENTS.md: out of date" in p for p in runner.check_compiled(reference=stale))
+    assert any("none.md: missing" in p for p in runner.check_compiled(reference=tmp_path / "none.md"))
+
+
+def test_cards_agree_with_what_the_pipelines_give_each_task(monkeypatch) -> None:
+    from dataclasses import replace
+
+    from components import catalog
+
+    compiled = runner.load_compiled({name: runner.COMPILED_DIR / f"{name}.yaml" for name in PIPELINES})
+    assert catalog.check_cards(compiled) == []
+    component, card = catalog.CATALOG["train_captioner"]
+    monkeypatch.setitem(catalog.CATALOG, "train_captioner", (component, replace(card, gpu=False, teacher=True)))
+    problems = catalog.check_cards(compiled)
+    assert any("train-captioner" in p and "declares gpu=False" in p for p in problems)
+    assert any("declares Secrets" in p and TEACHER_SECRET in p for p in problems)
