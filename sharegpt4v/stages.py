@@ -388,10 +388,14 @@ def _register_once(stage: str, checkpoint: str, run_id: str | None, lineage: dic
         if not tracking.is_not_found(exc):  # only "no such model" means no versions; a failure is not that
             raise tracking.mlflow_error(f"looking up the versions of model {name!r}", exc) from exc
         versions = []  # the registered model does not exist yet
+    from sharegpt4v.redact import redact_text
+
+    recorded = redact_text(checkpoint)  # as the version's `checkpoint` tag holds it
     for version in versions:
-        if version.source == checkpoint:
+        if tracking.version_checkpoint(version) in (checkpoint, recorded):
             client.set_registered_model_alias(name, "candidate", version.version)
-            return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
+            return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}",
+                    "model_id": tracking.version_model_id(version) or ""}
     return tracking.register_checkpoint(stage, checkpoint, run_id, lineage)
 
 

@@ -9,6 +9,7 @@ launches); `$MLFLOW_RUN_ID` (set by KFP's MLflow plugin) makes the first run res
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,11 +59,13 @@ def experiment(name: str) -> Iterator[None]:
 
 @contextmanager
 def stage_run(run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
-              parent_run_id: str | None = None) -> Iterator[Any]:
+              parent_run_id: str | None = None, log_system_metrics: bool | None = None) -> Iterator[Any]:
     """Start (or nest under the active) MLflow run; yields the run, or None when tracking is off.
 
     With no active run, the new run nests under `parent_run_id` or `$SHAREGPT4V_MLFLOW_PARENT_RUN_ID`.
     Params and tags are recorded without credentials in any URL they hold (`redacted`).
+    `log_system_metrics=True`: MLflow samples CPU, memory, disk, network (and GPU where
+    `nvidia-ml-py` is installed) into `system/...` metrics while the run is open.
     """
     if not tracking_enabled():
         yield None
@@ -73,7 +76,8 @@ def stage_run(run_name: str, params: dict[str, Any], tags: dict[str, str] | None
     active = mlflow.active_run() is not None
     parent = None if active else (parent_run_id or os.environ.get(PARENT_RUN_ENV) or None)
     tags = redacted(tags, limit=None) if tags else tags
-    with mlflow.start_run(run_name=run_name, nested=active, parent_run_id=parent, tags=tags) as run:
+    with mlflow.start_run(run_name=run_name, nested=active, parent_run_id=parent, tags=tags,
+                          log_system_metrics=log_system_metrics) as run:
         mlflow.log_params(redacted(params))
         yield run
 
@@ -113,10 +117,20 @@ def _active_run_mlflow() -> Any | None:
     return mlflow if mlflow.active_run() is not None else None
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """One batched call for many metrics (a synchronous call costs ~50 ms)."""
+def log_metrics(metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None:
+    """One batched call for many metrics (a synchronous call costs ~50 ms). `model_id`: an MLflow 3
+    LoggedModel the metrics are about (`logged_model_id`): the model's page and its registered
+    versions show them."""
     if (mlflow := _active_run_mlflow()) is not None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, model_id=model_id)
+
+
+def log_model_input(model_id: str) -> None:
+    """Record an MLflow 3 LoggedModel as an input of the active run (the model an evaluation scores)."""
+    if (mlflow := _active_run_mlflow()) is not None:
+        from mlflow.entities import LoggedModelInput
+
+        _client().log_inputs(mlflow.active_run().info.run_id, models=[LoggedModelInput(model_id)])
 
 
 def log_image(image: Any, artifact_file: str) -> None:
@@ -155,27 +169,59 @@ def register_checkpoint(
 ) -> dict[str, str]:
     """Register a stage's checkpoint (a folder or s3:// prefix with a manifest) as a model version.
 
-    `lineage` becomes version tags, e.g. `parent_model` ("sharegpt4v-pretrained/3"), `dataset`
-    (a shard manifest URI), `dataset_digest`, `captions` (a caption-set URI). Returns
-    {"name", "version", "uri"} where `uri` is `models:/<name>/<version>`.
+    The version is an MLflow model (`sharegpt4v.serving.pyfunc`): a LoggedModel, output of `run_id`
+    when given, whose pyfunc loads the checkpoint where it is (no copy of the weights in MLflow), so
+    `mlflow.pyfunc.load_model("models:/<name>@<alias>")` answers (image, prompt) rows. The version
+    (and the LoggedModel) carry the tags `stage`, `checkpoint` and `lineage.<key>`, e.g.
+    `parent_model` ("sharegpt4v-pretrained/3"), `dataset` (a shard manifest URI), `dataset_digest`,
+    `captions` (a caption-set URI). Returns {"name", "version", "uri", "model_id"} where `uri` is
+    `models:/<name>/<version>` and `model_id` the LoggedModel's id.
     """
     from mlflow.exceptions import MlflowException
+
+    from sharegpt4v.serving.pyfunc import log_checkpoint_model
+
+    _mlflow()  # the registry resolves `models:/<model id>` sources through mlflow's own tracking URI
     client = _client()
     name = REGISTERED_MODELS[stage]
+    tags = redacted({"stage": stage, "checkpoint": checkpoint_uri,
+                     **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}, None)
     try:
         try:
             client.create_registered_model(name, description=f"ShareGPT4V recipe: {stage} stage output")
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(exc).lower():
                 raise
-        tags = {"stage": stage, "checkpoint": checkpoint_uri, **{f"lineage.{k}": v for k, v in (lineage or {}).items()}}
-        version = client.create_model_version(name, source=checkpoint_uri, run_id=run_id, tags=redacted(tags, None),
-                                              description=description)
+        experiment_id = (client.get_run(run_id).info.experiment_id if run_id
+                         else ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT))
+        logged = log_checkpoint_model(client, name, stage, tags["checkpoint"], run_id, tags, experiment_id)
+        version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags,
+                                              description=description, model_id=logged.model_id)
+        # the LoggedModel's page links its registered versions (what mlflow.register_model records)
+        client.set_logged_model_tags(logged.model_id, {"mlflow.modelVersions": json.dumps(
+            [{"name": name, "version": str(version.version)}])})
         for alias in aliases:
             client.set_registered_model_alias(name, alias, version.version)
     except MlflowException as exc:
         raise mlflow_error(f"registering {checkpoint_uri} as model {name!r}", exc) from exc
-    return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}"}
+    return {"name": name, "version": str(version.version), "uri": f"models:/{name}/{version.version}",
+            "model_id": logged.model_id}
+
+
+def version_checkpoint(version: Any) -> str:
+    """The checkpoint a registered version serves: its `checkpoint` tag (versions registered before
+    they were MLflow models have the checkpoint as their source)."""
+    return (version.tags or {}).get("checkpoint") or version.source
+
+
+def version_model_id(version: Any) -> str | None:
+    """The MLflow 3 LoggedModel id of a registered version (None for a version that is no MLflow model)."""
+    if getattr(version, "model_id", None):
+        return str(version.model_id)
+    source = str(version.source or "")
+    if source.startswith("models:/m-") and "/" not in source[len("models:/"):]:
+        return source[len("models:/"):]
+    return None
 
 
 def is_not_found(exc: BaseException) -> bool:
@@ -252,12 +298,29 @@ def resolve_model(ref: str) -> tuple[str, dict[str, str]]:
     A malformed reference is a `UsageError`; no `MLFLOW_TRACKING_URI` (MLflow would otherwise make a
     registry in ./mlflow.db), an unreachable server or a missing model or alias a one-line `PlatformError`.
     """
+    parsed = parse_model_ref(ref)
+    if parsed is None:
+        return ref, {}
+    version = registered_version(ref)
+    return version_checkpoint(version), {"name": parsed[0], "version": str(version.version)}
+
+
+def logged_model_id(ref: str | None) -> str | None:
+    """The MLflow 3 LoggedModel behind `ref` when it is a `models:/` reference to a version that is an
+    MLflow model (metrics logged with it show per version in the registry); None otherwise."""
+    if not ref or not tracking_enabled() or not ref.startswith("models:/"):
+        return None
+    return version_model_id(registered_version(ref))
+
+
+def registered_version(ref: str) -> Any:
+    """The registry's ModelVersion for a `models:/` reference (errors as `resolve_model` describes)."""
     from sharegpt4v.errors import PlatformError, connection_failure, first_line
     from sharegpt4v.redact import redact_text
 
     parsed = parse_model_ref(ref)
     if parsed is None:
-        return ref, {}
+        raise ValueError(f"{ref}: not a models:/ reference")
     name, alias, number = parsed
     if not tracking_enabled():
         raise PlatformError(f"{ref}: a registered model needs the MLflow registry; set MLFLOW_TRACKING_URI "
@@ -265,7 +328,7 @@ def resolve_model(ref: str) -> tuple[str, dict[str, str]]:
     uri = redact_text(os.environ["MLFLOW_TRACKING_URI"])
     try:
         client = _client()
-        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
     except Exception as exc:
         cause = connection_failure(exc)
         if cause:
@@ -276,7 +339,6 @@ def resolve_model(ref: str) -> tuple[str, dict[str, str]]:
         if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" or "not found" in message.lower():
             raise PlatformError(f"{ref}: not in the MLflow registry at {uri} ({message})") from exc
         raise PlatformError(f"{ref}: the MLflow registry at {uri} failed: {message}") from exc
-    return version.source, {"name": name, "version": str(version.version)}
 
 
 def log_dataset(uri: str, digest: str, context: str, name: str | None = None) -> None:

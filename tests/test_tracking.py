@@ -44,7 +44,12 @@ def test_register_versions_with_lineage_and_aliases(mlflow_sqlite: str) -> None:
     client = MlflowClient(mlflow_sqlite)
     version = client.get_model_version("sharegpt4v-pretrained", "1")
     assert version.tags["lineage.parent_model"] == "sharegpt4v-captioner/1"
-    assert version.source == "s3://ckpt/pretrain/final" and version.run_id == run.info.run_id
+    # an MLflow model (the run's output) that loads the checkpoint where it is
+    assert version.tags["checkpoint"] == "s3://ckpt/pretrain/final" and version.run_id == run.info.run_id
+    assert version.source == f"models:/{first['model_id']}" != f"models:/{second['model_id']}"
+    logged = client.get_logged_model(first["model_id"])
+    assert logged.source_run_id == run.info.run_id and logged.tags["lineage.parent_model"] == "sharegpt4v-captioner/1"
+    assert tracking.logged_model_id("models:/sharegpt4v-pretrained/1") == first["model_id"]
     # "candidate" moves to the newest; "champion" only by promotion
     assert tracking.resolve_model("models:/sharegpt4v-pretrained@candidate") == (
         "s3://ckpt/pretrain-2/final", {"name": "sharegpt4v-pretrained", "version": "2"})

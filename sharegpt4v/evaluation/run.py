@@ -8,7 +8,9 @@
 `answers/mmbench_upload.xlsx`, the evaluation server's format), `results.json` (the returned
 dict), `results.md` (a table) and `results.png` (per-category bars). With MLflow tracking on,
 one `evaluate` run (nested under an active run) gets the flat metrics (`world-vqa.overall`,
-`mme.perception`, ...) in one batch and the table, chart and results as artifacts.
+`mme.perception`, ...) in one batch and the table, chart and results as artifacts. When `model_id`
+is a `models:/` reference, the metrics are also linked to that version's MLflow model (MLflow 3's
+LoggedModel, the run's model input), so the registry shows the scores per version.
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ def evaluate(
         **{f"eval.{k}": getattr(cfg, k) for k in ("benchmarks", "split", "batch_size", "max_new_tokens", "limit")},
         **{f"benchmark.{k}": v for k, v in paths.items()},
     }
+    logged_model = tracking.logged_model_id(model_id)  # a registered version: its MLflow model gets the scores
     with tracking.stage_run("evaluate", params, tags={"stage": "eval", "model_id": model_id}):
+        if logged_model:
+            tracking.log_model_input(logged_model)
         results: dict[str, Any] = {}
         answered: list[tuple[Benchmark, list[Question], list[dict[str, Any]]]] = []
         for benchmark in benchmarks:
@@ -104,7 +109,7 @@ def evaluate(
             results[benchmark.name] = benchmark.score(questions, records)
             answered.append((benchmark, questions, records))
         metrics = flat_metrics(results)
-        tracking.log_metrics(metrics)
+        tracking.log_metrics(metrics, model_id=logged_model)
         table = results_table(results, {b.name: b.chart(results[b.name]) for b in benchmarks}, model_id)
         chart = results_chart({b.name: b.chart(results[b.name]) for b in benchmarks})
         if out:

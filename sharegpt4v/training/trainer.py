@@ -482,14 +482,14 @@ def _tracking_run(rank: int, name: str, params: dict[str, Any], tags: dict[str, 
                 time.sleep(2.0 * 2**attempt)
         if found is not None and found.info.lifecycle_stage != "deleted":
             tracking.ensure_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.DEFAULT_EXPERIMENT)
-            with mlflow.start_run(run_id=run_id) as run:
+            with mlflow.start_run(run_id=run_id, log_system_metrics=True) as run:
                 yield run
             return
         log.warning("%s: the checkpoint's MLflow run %s %s; starting a new run (tag resumed_from_run=%s): the loss "
                     "curve before the resume stays in the old run", name, run_id,
                     "was deleted" if found is not None else "does not exist on this tracking server", run_id)
         tags = {**tags, "resumed_from_run": run_id}
-    with tracking.stage_run(name, params, tags) as run:
+    with tracking.stage_run(name, params, tags, log_system_metrics=True) as run:  # system/ CPU, memory, GPU metrics
         yield run
 
 

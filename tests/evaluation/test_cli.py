@@ -48,6 +48,8 @@ def test_eval_run_on_a_registered_model_and_promote(tmp_path: Path, mlflow_sqlit
     assert "world-vqa.overall" in result.stdout and "promoted sharegpt4v-chat/1 to champion" in result.stdout
     assert str(MlflowClient(mlflow_sqlite).get_model_version_by_alias("sharegpt4v-chat", "champion").version) == version["version"]
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["world-vqa"]["overall"] >= 0
+    scored = MlflowClient(mlflow_sqlite).get_logged_model(version["model_id"]).metrics  # shown per version
+    assert "world-vqa.overall" in {m.key for m in scored}
     too_high = cli("eval", "run", "--model", "models:/sharegpt4v-chat/1", "--data", world, "--out", str(tmp_path / "e2"),
                    "--promote", "eval.split=train", "eval.limit=5", "eval.champion_threshold=2")
     assert too_high.returncode == 0 and "not promoted" in too_high.stdout

@@ -59,7 +59,7 @@ def test_end_to_end_pipeline_runs_locally(tmp_path: Path) -> None:
     assert cap.tags["lineage.dataset"] == world == chat.tags["lineage.dataset"]
     assert chat.tags["lineage.parent_model"] == f"sharegpt4v-pretrained/{pre.version}"
     assert {v.tags["lineage.pipeline_run"] for v in (cap, pre, chat)} == {result["mlflow_run_id"]}
-    assert chat.source == models["sft"]["checkpoint_uri"]
+    assert chat.tags["checkpoint"] == models["sft"]["checkpoint_uri"]  # the version is an MLflow model over it
     assert client.get_model_version_by_alias("sharegpt4v-chat", "champion").version == chat.version
     assert result["champion"] == "models:/sharegpt4v-chat@champion"
     assert float(chat.tags["eval.world-vqa.overall"]) == pytest.approx(result["eval"]["score"])
