@@ -8,12 +8,18 @@ cards and what the compiled pipelines give each task (GPU requests, CPU/memory, 
 Secrets) into `components/COMPONENTS.md`; `check_cards` compares the cards' GPU and Secret needs with
 the compiled pipelines. `sharegpt4v pipeline compile` writes the reference and `--check` fails when
 it is stale or a card disagrees with the pipelines (`pipelines.runner.check_compiled`).
+
+A parameter or output described the same way in several docstrings (components' and pipelines') is
+described once, in `SHARED_DOCS`; a docstring names it with a placeholder that `expand` fills in
+before the KFP decorators read the docstring (`document`).
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +81,164 @@ def register(component: Any, card: Card) -> Any:
     spec = component.component_spec
     spec.description = "\n\n".join(part for part in (spec.description, card.text()) if part)
     CATALOG[name] = (component, card)
+    return component
+
+
+# descriptions several docstrings share -------------------------------------------------------------
+
+# name -> the description, as its docstring lines (`expand` indents the later ones); a placeholder fills in its
+# `{field}`s. Components' parameters and outputs, then the pipelines' parameters (`pipeline.`); `overrides` serves
+# both.
+SHARED_DOCS: dict[str, str] = {name: inspect.cleandoc(text) for name, text in {
+    "dataset_uri": """
+        The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
+        "s3://sharegpt4v/pipeline/data/world-0123456789ab".""",
+    "dataset_digest": """
+        Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
+        is never answered from the cache.""",
+    "captions_digest": """
+        Digest of the caption set's manifest (16 hex digits): part of the cache key.""",
+    "out_root": """
+        S3 prefix (or local folder) of the output, written to `<out_root>/{folder}-<key>` (the key: 12 hex
+        digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
+        "s3://sharegpt4v/pipeline/{area}".""",
+    "training_gpus": """
+        Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
+        node, 1 locally.""",
+    "task_gpus": """
+        GPUs the task is given (count; its `nvidia.com/gpu` limit), e.g. 1; recorded in its MLflow run.""",
+    "profile": """
+        Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
+        nodes), or a profile YAML path; see `sharegpt4v/profiles/`.""",
+    "overrides": """
+        Recipe overrides applied after the profile, "section.key=value" strings, e.g.
+        ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.""",
+    "manifest_digest": """
+        Digest of its manifest (16 hex digits): the cache key of the steps that read it.""",
+    "checkpoint_uri": """
+        The checkpoint folder the run wrote (S3), under `<out_root>/{folder}-<key>`.""",
+    "model_uri": """
+        The registered version, "models:/{name}/<version>" (the checkpoint URI when MLflow
+        tracking is off): what later steps load.""",
+    "checkpoint_digest": """
+        Digest of the checkpoint (12 hex digits): the cache key of the steps that read it.""",
+    "version": """
+        The MLflow model registry version, e.g. "3" ("" when tracking is off).""",
+    "training_metrics": """
+        steps, final_loss (mean token cross-entropy of the last steps), samples_seen and flagged_samples
+        (samples skipped as malformed) of the run.""",
+    "pipeline.dataset_uri": """
+        The image dataset (shards + manifest) from `sharegpt4v data ingest` or an earlier run,
+        e.g. "s3://sharegpt4v/pipeline/data/world-0123456789ab".""",
+    "pipeline.output_root": """
+        S3 prefix every output goes under, in content-keyed folders (data/, captions/, models/,
+        eval/, reports/, serving/): resubmitting with the same parameters resumes or reuses the work, e.g.
+        "s3://sharegpt4v/pipeline".""",
+    "pipeline.profile": """
+        Recipe profile: "a100-7b" (7B LMM, DeepSpeed ZeRO-3 on 8 x A100 80GB nodes) or "tiny" (small
+        models, for smoke runs); see `sharegpt4v/profiles/`.""",
+    "pipeline.teacher_endpoint": """
+        OpenAI-compatible base URL of the teacher VLM, ending in /v1, e.g.
+        "https://api.openai.com/v1" or an in-cluster vLLM "http://teacher.sharegpt4v:8000/v1"; "" reads
+        OPENAI_BASE_URL from the sharegpt4v-teacher Secret (whose OPENAI_API_KEY is the key in every case);
+        "synthetic": the synthetic world's stand-in teacher (synthetic worlds only, no network).""",
+    "pipeline.teacher_model": """
+        The model the teacher endpoint serves, e.g. "gpt-4o"; "" keeps the recipe's
+        `teacher.model`.""",
+    "pipeline.teacher_budget_usd": """
+        Most the seed captions may cost, in US dollars (e.g. 50.0), priced per 1k
+        tokens by the recipe; 0 keeps the recipe's `teacher.budget_usd` (unset: no cap). At the budget the
+        seed captions task stops and fails; a rerun continues where it stopped.""",
+    "pipeline.seed_split": """
+        The images the teacher captions and the captioner learns from, e.g. "val"; "" for every
+        image.""",
+    "pipeline.sft_split": """
+        The images whose questions instruction tuning (SFT) trains on, e.g. "val".""",
+    "pipeline.captioner_base": """
+        The pretrained LMM the captioner is fine-tuned from: a registered version or
+        checkpoint, e.g. "models:/llava-1.5-7b/1" or a mirrored llava-1.5-7b-hf "s3://models/llava-1.5-7b-hf";
+        "" pretrains one here on the brief captions of `{split}`.""",
+    "pipeline.base_model": """
+        Where pretraining starts: a registered version or checkpoint, e.g.
+        "models:/sharegpt4v-base/1"; "" builds the model from the recipe's vision encoder and language model.""",
+    "pipeline.shard_groups": """
+        Parallel corpus captioning tasks (count, at least 1), each on `caption_gpus` GPUs,
+        e.g. 4.""",
+    "pipeline.train_gpus": """
+        GPUs (nvidia.com/gpu) per training task, one process each (count), e.g. 8 for one
+        8 x A100 node.""",
+    "pipeline.caption_gpus": """
+        GPUs (nvidia.com/gpu) per corpus captioning task (count), e.g. 1.""",
+    "pipeline.eval_gpus": """
+        GPUs (nvidia.com/gpu) of the evaluation task (count), e.g. 1.""",
+    "pipeline.gpu_product": """
+        The `nvidia.com/gpu.product` node label GPU tasks are scheduled on, e.g.
+        "NVIDIA-A100-SXM4-80GB" (the default) or "NVIDIA-H100-80GB-HBM3".""",
+    "pipeline.champion_metric": """
+        The metric that decides promotion, "<benchmark>.<metric>", e.g.
+        "world-vqa.overall" (accuracy, 0 to 1); the run fails when the benchmarks do not measure it.""",
+    "pipeline.mlflow_experiment": """
+        MLflow experiment of the pipeline's run and its tasks' nested runs, e.g.
+        "sharegpt4v"; created when missing.""",
+}.items()}
+
+# `{name}` or `{name(field=value, ...)}`; anything else in braces (`{"uri": ...}`, `{{$.placeholder}}`) is text
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)(?:\(([^(){}]*)\))?\}")
+_MALFORMED = re.compile(r"\{[A-Za-z_][\w.]*\(")
+
+
+def _fill(match: re.Match[str], indent: str) -> str:
+    name, arguments = match.group(1), match.group(2)
+    if name not in SHARED_DOCS:
+        raise ValueError(f"docstring placeholder {match.group(0)}: no {name!r} in components.catalog.SHARED_DOCS")
+    template = SHARED_DOCS[name]
+    pairs = [item.partition("=") for item in arguments.split(",")] if arguments else []
+    if any(not sep for _, sep, _ in pairs):
+        raise ValueError(f"docstring placeholder {match.group(0)}: fields are given as field=value, comma-separated")
+    values = {key.strip(): value.strip() for key, _, value in pairs}
+    fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    if set(values) != fields:
+        raise ValueError(f"docstring placeholder {match.group(0)}: {name!r} takes "
+                         f"{', '.join(sorted(fields)) or 'no fields'}, got {', '.join(sorted(values)) or 'none'}")
+    return template.format(**values).replace("\n", "\n" + indent + "    ")
+
+
+def expand(doc: str) -> str:
+    """`doc` with its placeholders replaced by `SHARED_DOCS`: `{name}` by `SHARED_DOCS[name]`, `{name(field=value,
+    ...)}` by it with its `{field}`s filled in; the description's later lines are indented four spaces more than the
+    placeholder's line (a Google-style docstring's continuation). An unknown name, a missing or extra field or an
+    unclosed placeholder raises ValueError."""
+    lines = []
+    for line in doc.split("\n"):
+        indent = line[:len(line) - len(line.lstrip())]
+        line = _PLACEHOLDER.sub(lambda match: _fill(match, indent), line)
+        if _MALFORMED.search(line):
+            raise ValueError(f"malformed docstring placeholder in {line.strip()!r}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def document(fn: Any) -> Any:
+    """`fn` with its docstring expanded (`expand`), for the KFP decorators, which read `fn.__doc__`: under
+    `@dsl.pipeline(...)`; `components.stages.component` calls it (and `expand_embedded`) for components."""
+    if fn.__doc__:
+        fn.__doc__ = expand(fn.__doc__)
+    return fn
+
+
+def expand_embedded(component: Any) -> Any:
+    """The function source a lightweight component embeds (the container runs it; kfp reads it from the file, so
+    its docstring still has the placeholders) with its docstring expanded too, as if written out in full."""
+    container = component.component_spec.implementation.container
+    source = container.command[-1]
+    name = component.python_func.__name__
+    node = next(node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == name)
+    raw = ast.get_docstring(node, clean=False)
+    if raw is not None and expand(raw) != raw:
+        if source.count(raw) != 1:
+            raise ValueError(f"component {name}: its docstring is not found once, as written, in its embedded source "
+                             "(a docstring with placeholders may not use escapes)")
+        container.command[-1] = source.replace(raw, expand(raw))
     return component
 
 

@@ -12,7 +12,10 @@ Each component is documented once, here: its Google-style docstring (`Args:` for
 `Returns:` for the outputs, artifacts included: the KFP compiler reads both into the IR's input and
 output descriptions, which the KFP UI shows) and its card, `@component(reads=..., writes=...,
 gpu=..., teacher=...)` (`components.catalog`): what it reads, writes and needs, appended to its
-description and rendered with the docstrings into `components/COMPONENTS.md`.
+description and rendered with the docstrings into `components/COMPONENTS.md`. A parameter or output
+several components share is described once, in `components.catalog.SHARED_DOCS`: the docstring names
+it, e.g. `profile: {profile}` or `out_root: {out_root(folder=sft, area=models)}`, and `@component`
+writes it out, in the description and in the function source the container runs alike.
 """
 
 from typing import NamedTuple
@@ -26,10 +29,12 @@ from components.resources import IMAGE
 
 def component(*, reads: str, writes: str, gpu: bool = False, teacher: bool = False, needs: str = ""):
     """`@dsl.component` on the project image, without installing kfp (the image has it), with the
-    component's card (`components.catalog.Card`): what it reads, writes and needs."""
+    component's card (`components.catalog.Card`): what it reads, writes and needs, and its docstring's
+    placeholders expanded (`catalog.document`, `catalog.expand_embedded`)."""
 
     def wrap(fn):
-        return catalog.register(dsl.component(fn, base_image=IMAGE, install_kfp_package=False),
+        made = dsl.component(catalog.document(fn), base_image=IMAGE, install_kfp_package=False)
+        return catalog.register(catalog.expand_embedded(made),
                                 catalog.Card(reads=reads, writes=writes, gpu=gpu, teacher=teacher, needs=needs))
 
     return wrap
@@ -106,19 +111,15 @@ def synthetic_world(out_root: str, images: int, seed: int, profile: str, overrid
     Each image comes with the facts it shows, so captions and answers can be scored against the truth.
 
     Args:
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/world-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/data".
+        out_root: {out_root(folder=world, area=data)}
         images: Images to render (count), e.g. 6000; split into train/val by the recipe.
         seed: Random seed of the world (integer, e.g. 0): the same seed and recipe give the same images.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
         uri: The world's dataset folder (image shards + manifest).
-        digest: Digest of its manifest (16 hex digits): the cache key of the steps that read it.
+        digest: {manifest_digest}
         metrics: images and shards written, and the images per split (`split.<name>`).
     """
     from sharegpt4v import stages as steps
@@ -147,20 +148,16 @@ def ingest(source_uri: str, out_root: str, kind: str, source_name: str, profile:
     Args:
         source_uri: Where the images are, e.g. "s3://datasets/coco/train2017/" (a folder, searched recursively),
             an img2dataset shard folder, or "s3://datasets/sharegpt4v/share-captioner_coco_lcs_sam_1246k.json".
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/ingested-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/data".
+        out_root: {out_root(folder=ingested, area=data)}
         kind: What `source_uri` is: "auto" (detected), "folder", "wds" (WebDataset shards) or "json" (LLaVA
             conversations).
         source_name: The samples' source name in the manifest, e.g. "coco"; "" derives it from `source_uri`.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
         uri: The dataset folder (image shards + manifest).
-        digest: Digest of its manifest (16 hex digits): the cache key of the steps that read it.
+        digest: {manifest_digest}
         metrics: Inputs that became images (ok), errors (error) and repeats (duplicate), as counts.
     """
     from sharegpt4v import stages as steps
@@ -208,11 +205,8 @@ def seed_captions(dataset_uri: str, out_root: str, split: str, teacher_endpoint:
     Exactly once per shard: a retried or resubmitted task continues where the last one stopped.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
-            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/seed-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/captions".
+        dataset_uri: {dataset_uri}
+        out_root: {out_root(folder=seed, area=captions)}
         split: The images the teacher captions, e.g. "val"; "" for every image.
         teacher_endpoint: OpenAI-compatible base URL ending in /v1, e.g. "http://teacher.sharegpt4v:8000/v1";
             "" reads `OPENAI_BASE_URL` from the teacher Secret; "synthetic" starts the synthetic world's stand-in
@@ -221,14 +215,12 @@ def seed_captions(dataset_uri: str, out_root: str, split: str, teacher_endpoint:
         budget_usd: Most the teacher may cost in this run, in US dollars (e.g. 50.0), priced per 1k tokens by the
             recipe; 0 keeps the recipe's `teacher.budget_usd` (none: no cap). At the budget the task stops and
             fails; a rerun continues.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
         uri: The seed caption set folder.
-        digest: Digest of its manifest (16 hex digits): the cache key of the steps that read it.
+        digest: {manifest_digest}
         metrics: Records captioned (ok), failed (error) and captioned in this run (captioned), as counts.
     """
     from sharegpt4v import stages as steps
@@ -252,15 +244,12 @@ def shard_groups(dataset_uri: str, dataset_digest: str, model: str, groups: int,
     output inside a ParallelFor body to the loop item; the loop item itself is resolved right).
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
-            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
-        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
-            is never answered from the cache.
+        dataset_uri: {dataset_uri}
+        dataset_digest: {dataset_digest}
         model: The captioner: a registered version or checkpoint, e.g. "models:/sharegpt4v-captioner@champion" or
             "s3://sharegpt4v/pipeline/models/captioner-0123456789ab/final".
         groups: Shard groups, i.e. parallel captioning tasks (count, at least 1), e.g. 4.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        overrides: {overrides}
 
     Returns:
         Output: One job per group, {"group": i, "groups": groups, "dataset_uri", "dataset_digest", "model",
@@ -287,13 +276,10 @@ def caption_shard_group(job: dict, out_root: str, split: str, gpus: int, profile
     Args:
         job: One item of `shard_groups`' output: {"group", "groups", "dataset_uri", "dataset_digest", "model",
             "overrides"}.
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/corpus-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/captions".
+        out_root: {out_root(folder=corpus, area=captions)}
         split: The images to caption, e.g. "train"; "" for every image.
-        gpus: GPUs the task is given (count; its `nvidia.com/gpu` limit), e.g. 1; recorded in its MLflow run.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
+        gpus: {task_gpus}
+        profile: {profile}
 
     Returns:
         Output: {"uri": the caption set, "group", "groups", "captioned", "ok", "error", "shards"}: counts of this
@@ -319,8 +305,7 @@ def merge_captions(dataset_uri: str, split: str, groups: list, reference: str, r
     the ground truth.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
-            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        dataset_uri: {dataset_uri}
         split: The split that was captioned, e.g. "train"; "" for every image.
         groups: The outputs of every `caption_shard_group` task (`dsl.Collected`); they name one caption set.
         reference: A caption set to compare with, e.g. the teacher's seed captions
@@ -330,7 +315,7 @@ def merge_captions(dataset_uri: str, split: str, groups: list, reference: str, r
 
     Returns:
         uri: The published corpus caption set.
-        digest: Digest of its manifest (16 hex digits): the cache key of the steps that read it.
+        digest: {manifest_digest}
         metrics: Records per status (`records.<status>`) and the report's caption quality metrics.
         report: The caption quality report (HTML: metrics, samples side by side).
     """
@@ -361,17 +346,11 @@ def foundations(dataset_uri: str, dataset_digest: str, out_root: str, profile: s
     the data when the model is built from config (tiny profile); unchanged for checkpoint-based recipes.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
-            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
-        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
-            is never answered from the cache.
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/foundations-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/models".
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        dataset_uri: {dataset_uri}
+        dataset_digest: {dataset_digest}
+        out_root: {out_root(folder=foundations, area=models)}
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
         Output: The overrides every later task uses: `overrides` plus the stand-ins' paths
@@ -402,29 +381,20 @@ def train_base(dataset_uri: str, dataset_digest: str, split: str, out_root: str,
     A retried task resumes from its newest checkpoint; a finished one returns at once.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
-            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
-        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
-            is never answered from the cache.
+        dataset_uri: {dataset_uri}
+        dataset_digest: {dataset_digest}
         split: The images whose brief captions it trains on, e.g. "train"; "" for every image.
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/base-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/models".
-        gpus: Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
-            node, 1 locally.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        out_root: {out_root(folder=base, area=models)}
+        gpus: {training_gpus}
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
-        checkpoint_uri: The checkpoint folder the run wrote (S3), under `<out_root>/base-<key>`.
-        model_uri: The registered version, "models:/sharegpt4v-base/<version>" (the checkpoint URI when MLflow
-            tracking is off): what later steps load.
-        digest: Digest of the checkpoint (12 hex digits): the cache key of the steps that read it.
-        version: The MLflow model registry version, e.g. "3" ("" when tracking is off).
-        metrics: steps, final_loss (mean token cross-entropy of the last steps), samples_seen and flagged_samples
-            (samples skipped as malformed) of the run.
+        checkpoint_uri: {checkpoint_uri(folder=base)}
+        model_uri: {model_uri(name=sharegpt4v-base)}
+        digest: {checkpoint_digest}
+        version: {version}
+        metrics: {training_metrics}
     """
     from sharegpt4v import stages as steps
 
@@ -470,33 +440,24 @@ def train_captioner(dataset_uri: str, dataset_digest: str, captions: str, captio
     A retried task resumes from its newest checkpoint; a finished one returns at once.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
-            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
-        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
-            is never answered from the cache.
+        dataset_uri: {dataset_uri}
+        dataset_digest: {dataset_digest}
         captions: The teacher's seed caption set, e.g. "s3://sharegpt4v/pipeline/captions/seed-0123456789ab".
-        captions_digest: Digest of the caption set's manifest (16 hex digits): part of the cache key.
+        captions_digest: {captions_digest}
         init: The pretrained LMM to start from: a registered version or checkpoint, e.g.
             "models:/sharegpt4v-base/1"; "" builds it from the recipe.
         split: The images the seed captions describe, e.g. "val".
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/captioner-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/models".
-        gpus: Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
-            node, 1 locally.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        out_root: {out_root(folder=captioner, area=models)}
+        gpus: {training_gpus}
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
-        checkpoint_uri: The checkpoint folder the run wrote (S3), under `<out_root>/captioner-<key>`.
-        model_uri: The registered version, "models:/sharegpt4v-captioner/<version>" (the checkpoint URI when MLflow
-            tracking is off): what later steps load.
-        digest: Digest of the checkpoint (12 hex digits): the cache key of the steps that read it.
-        version: The MLflow model registry version, e.g. "3" ("" when tracking is off).
-        metrics: steps, final_loss (mean token cross-entropy of the last steps), samples_seen and flagged_samples
-            (samples skipped as malformed) of the run.
+        checkpoint_uri: {checkpoint_uri(folder=captioner)}
+        model_uri: {model_uri(name=sharegpt4v-captioner)}
+        digest: {checkpoint_digest}
+        version: {version}
+        metrics: {training_metrics}
     """
     from sharegpt4v import stages as steps
 
@@ -523,34 +484,25 @@ def pretrain(dataset_uri: str, dataset_digest: str, captions: str, captions_dige
     A retried task resumes from its newest checkpoint; a finished one returns at once.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
-            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
-        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
-            is never answered from the cache.
+        dataset_uri: {dataset_uri}
+        dataset_digest: {dataset_digest}
         captions: The corpus caption set (the captioner's), e.g.
             "s3://sharegpt4v/pipeline/captions/corpus-0123456789ab".
-        captions_digest: Digest of the caption set's manifest (16 hex digits): part of the cache key.
+        captions_digest: {captions_digest}
         init: Where pretraining starts: a registered version or checkpoint, e.g. "models:/sharegpt4v-base/1";
             "" builds the model from the recipe's vision encoder and language model.
         split: The images whose captions it trains on, e.g. "train"; "" for every image.
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/pretrain-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/models".
-        gpus: Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
-            node, 1 locally.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        out_root: {out_root(folder=pretrain, area=models)}
+        gpus: {training_gpus}
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
-        checkpoint_uri: The checkpoint folder the run wrote (S3), under `<out_root>/pretrain-<key>`.
-        model_uri: The registered version, "models:/sharegpt4v-pretrained/<version>" (the checkpoint URI when MLflow
-            tracking is off): what later steps load.
-        digest: Digest of the checkpoint (12 hex digits): the cache key of the steps that read it.
-        version: The MLflow model registry version, e.g. "3" ("" when tracking is off).
-        metrics: steps, final_loss (mean token cross-entropy of the last steps), samples_seen and flagged_samples
-            (samples skipped as malformed) of the run.
+        checkpoint_uri: {checkpoint_uri(folder=pretrain)}
+        model_uri: {model_uri(name=sharegpt4v-pretrained)}
+        digest: {checkpoint_digest}
+        version: {version}
+        metrics: {training_metrics}
     """
     from sharegpt4v import stages as steps
 
@@ -577,30 +529,21 @@ def sft(dataset_uri: str, dataset_digest: str, init: str, split: str, out_root: 
     A retried task resumes from its newest checkpoint; a finished one returns at once.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
-            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
-        dataset_digest: Digest of the dataset's manifest (16 hex digits): part of the cache key, so a changed dataset
-            is never answered from the cache.
+        dataset_uri: {dataset_uri}
+        dataset_digest: {dataset_digest}
         init: The pretrained LMM: a registered version or checkpoint, e.g. "models:/sharegpt4v-pretrained/2".
         split: The images whose questions it trains on, e.g. "val"; "" for every image.
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/sft-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/models".
-        gpus: Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
-            node, 1 locally.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        out_root: {out_root(folder=sft, area=models)}
+        gpus: {training_gpus}
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
-        checkpoint_uri: The checkpoint folder the run wrote (S3), under `<out_root>/sft-<key>`.
-        model_uri: The registered version, "models:/sharegpt4v-chat/<version>" (the checkpoint URI when MLflow
-            tracking is off): what later steps load.
-        digest: Digest of the checkpoint (12 hex digits): the cache key of the steps that read it.
-        version: The MLflow model registry version, e.g. "3" ("" when tracking is off).
-        metrics: steps, final_loss (mean token cross-entropy of the last steps), samples_seen and flagged_samples
-            (samples skipped as malformed) of the run.
+        checkpoint_uri: {checkpoint_uri(folder=sft)}
+        model_uri: {model_uri(name=sharegpt4v-chat)}
+        digest: {checkpoint_digest}
+        version: {version}
+        metrics: {training_metrics}
     """
     from sharegpt4v import stages as steps
 
@@ -629,18 +572,13 @@ def evaluate(model: str, model_digest: str, dataset_uri: str, out_root: str, met
         model: The model to evaluate: a registered version or checkpoint, e.g. "models:/sharegpt4v-chat/4".
         model_digest: Digest of the model's checkpoint (12 hex digits): only part of the cache key, so a new checkpoint
             under the same reference is evaluated again.
-        dataset_uri: The image dataset (shards + manifest) from `synthetic_world` or `ingest`, e.g.
-            "s3://sharegpt4v/pipeline/data/world-0123456789ab".
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/eval-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/eval".
+        dataset_uri: {dataset_uri}
+        out_root: {out_root(folder=eval, area=eval)}
         metric: The champion metric, "<benchmark>.<metric>", e.g. "world-vqa.overall" (accuracy, 0 to 1); the task
             fails when the benchmarks do not measure it.
-        gpus: GPUs the task is given (count; its `nvidia.com/gpu` limit), e.g. 1; recorded in its MLflow run.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        gpus: {task_gpus}
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
         score: The value of `metric` (what the promotion gate compares with the threshold).
@@ -718,15 +656,11 @@ def export_model_repository(chat_model: str, captioner_model: str, out_root: str
         chat_model: The chat model: a registered version or checkpoint, e.g. "models:/sharegpt4v-chat/4"; "" leaves
             it out.
         captioner_model: The captioner, e.g. "models:/sharegpt4v-captioner/2"; "" leaves it out.
-        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/repository-<key>` (the key: 12 hex
-            digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
-            "s3://sharegpt4v/pipeline/serving".
+        out_root: {out_root(folder=repository, area=serving)}
         kind: The Triton instance kind: "KIND_GPU" (the cluster) or "KIND_CPU" (local, dev); "" keeps the recipe's
             `serving.instance_kind`.
-        profile: Recipe profile: "tiny" (small models, runs on a CPU) or "a100-7b" (7B LMM on A100 80GB
-            nodes), or a profile YAML path; see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
+        profile: {profile}
+        overrides: {overrides}
 
     Returns:
         uri: The model repository folder (what an InferenceService's storageUri points at).

@@ -12,6 +12,10 @@ Every pipeline runs inside an ExitHandler: the first task creates the pipeline's
 (KFP run id, parameters), the exit task marks it FINISHED or FAILED. Tasks get their resources,
 secrets, retries and caching from `components.resources`; outputs are content-keyed folders
 under `output_root`, so resubmitting a pipeline with the same parameters resumes its work.
+
+A parameter several pipelines share is described once, in `components.catalog.SHARED_DOCS`: its
+`Args:` entry names it, e.g. `profile: {pipeline.profile}`, and `@catalog.document` (under
+`@dsl.pipeline`, which reads the docstring) writes it out.
 """
 
 
@@ -21,6 +25,7 @@ from typing import Any
 
 from kfp import dsl
 
+from components import catalog
 from components import stages as c
 from components.resources import cpu_task, gpu_task, light_task
 from sharegpt4v.cluster import A100_PRODUCT, NAMESPACE
@@ -144,6 +149,7 @@ def serving_part(chat: Any, captioner: Any, out_root: str, kind: Any, serving_pr
 
 
 @dsl.pipeline(name="sharegpt4v")
+@catalog.document
 def sharegpt4v(
     output_root: str = DEFAULT_ROOT,
     source_uri: str = "",
@@ -180,9 +186,7 @@ def sharegpt4v(
     `champion_threshold`: champion alias, Triton repository export, KServe deploy.
 
     Args:
-        output_root: S3 prefix every output goes under, in content-keyed folders (data/, captions/, models/,
-            eval/, reports/, serving/): resubmitting with the same parameters resumes or reuses the work, e.g.
-            "s3://sharegpt4v/pipeline".
+        output_root: {pipeline.output_root}
         source_uri: The images to ingest: a folder of images (s3:// prefix, searched recursively), img2dataset
             WebDataset shards, or a ShareGPT4V/LLaVA conversation JSON, e.g. "s3://datasets/coco/train2017/";
             "" renders a synthetic world of `world_images` images instead.
@@ -190,39 +194,23 @@ def sharegpt4v(
             (LLaVA conversations).
         world_images: Images of the synthetic world rendered when `source_uri` is "" (count), e.g. 6000.
         world_seed: Random seed of the synthetic world (integer, e.g. 0): the same seed gives the same images.
-        profile: Recipe profile: "a100-7b" (7B LMM, DeepSpeed ZeRO-3 on 8 x A100 80GB nodes) or "tiny" (small
-            models, for smoke runs); see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
-        teacher_endpoint: OpenAI-compatible base URL of the teacher VLM, ending in /v1, e.g.
-            "https://api.openai.com/v1" or an in-cluster vLLM "http://teacher.sharegpt4v:8000/v1"; "" reads
-            OPENAI_BASE_URL from the sharegpt4v-teacher Secret (whose OPENAI_API_KEY is the key in every case);
-            "synthetic": the synthetic world's stand-in teacher (synthetic worlds only, no network).
-        teacher_model: The model the teacher endpoint serves, e.g. "gpt-4o"; "" keeps the recipe's
-            `teacher.model`.
-        teacher_budget_usd: Most the seed captions may cost, in US dollars (e.g. 50.0), priced per 1k
-            tokens by the recipe; 0 keeps the recipe's `teacher.budget_usd` (unset: no cap). At the budget the
-            seed captions task stops and fails; a rerun continues where it stopped.
-        seed_split: The images the teacher captions and the captioner learns from, e.g. "val"; "" for every
-            image.
+        profile: {pipeline.profile}
+        overrides: {overrides}
+        teacher_endpoint: {pipeline.teacher_endpoint}
+        teacher_model: {pipeline.teacher_model}
+        teacher_budget_usd: {pipeline.teacher_budget_usd}
+        seed_split: {pipeline.seed_split}
         corpus_split: The images the captioner captions for pretraining (disjoint from `seed_split`), e.g.
             "train"; with `captioner_base` "", also the brief captions the captioner's base is pretrained on.
-        sft_split: The images whose questions instruction tuning (SFT) trains on, e.g. "val".
-        captioner_base: The pretrained LMM the captioner is fine-tuned from: a registered version or
-            checkpoint, e.g. "models:/llava-1.5-7b/1" or a mirrored llava-1.5-7b-hf "s3://models/llava-1.5-7b-hf";
-            "" pretrains one here on the brief captions of `corpus_split`.
-        shard_groups: Parallel corpus captioning tasks (count, at least 1), each on `caption_gpus` GPUs,
-            e.g. 4.
-        base_model: Where pretraining starts: a registered version or checkpoint, e.g.
-            "models:/sharegpt4v-base/1"; "" builds the model from the recipe's vision encoder and language model.
-        train_gpus: GPUs (nvidia.com/gpu) per training task, one process each (count), e.g. 8 for one
-            8 x A100 node.
-        caption_gpus: GPUs (nvidia.com/gpu) per corpus captioning task (count), e.g. 1.
-        eval_gpus: GPUs (nvidia.com/gpu) of the evaluation task (count), e.g. 1.
-        gpu_product: The `nvidia.com/gpu.product` node label GPU tasks are scheduled on, e.g.
-            "NVIDIA-A100-SXM4-80GB" (the default) or "NVIDIA-H100-80GB-HBM3".
-        champion_metric: The metric that decides promotion, "<benchmark>.<metric>", e.g.
-            "world-vqa.overall" (accuracy, 0 to 1); the run fails when the benchmarks do not measure it.
+        sft_split: {pipeline.sft_split}
+        captioner_base: {pipeline.captioner_base(split=corpus_split)}
+        shard_groups: {pipeline.shard_groups}
+        base_model: {pipeline.base_model}
+        train_gpus: {pipeline.train_gpus}
+        caption_gpus: {pipeline.caption_gpus}
+        eval_gpus: {pipeline.eval_gpus}
+        gpu_product: {pipeline.gpu_product}
+        champion_metric: {pipeline.champion_metric}
         champion_threshold: Promote the SFT model to champion, export and deploy it only when `champion_metric` is at
             least this (the metric's unit, e.g. 0.5 = 50% accuracy); 0 always promotes.
         export_kind: Triton instance kind of the exported model repository: "KIND_GPU" (the cluster) or
@@ -232,8 +220,7 @@ def sharegpt4v(
         deploy_namespace: Kubernetes namespace of the InferenceService, e.g. "sharegpt4v".
         deploy_dry_run: true: only render the InferenceService (the deploy task's `manifest` shows it); false:
             create or patch it.
-        mlflow_experiment: MLflow experiment of the pipeline's run and its tasks' nested runs, e.g.
-            "sharegpt4v"; created when missing.
+        mlflow_experiment: {pipeline.mlflow_experiment}
     """
     params = {"output_root": output_root, "source_uri": source_uri, "world_images": world_images,
               "world_seed": world_seed, "profile": profile, "teacher_endpoint": teacher_endpoint,
@@ -267,6 +254,7 @@ def sharegpt4v(
 
 
 @dsl.pipeline(name="caption-corpus")
+@catalog.document
 def caption_corpus(
     dataset_uri: str,
     captioner: str = "models:/sharegpt4v-captioner@champion",
@@ -283,27 +271,19 @@ def caption_corpus(
     """Caption a corpus with a trained captioner: shard groups in parallel, one caption set, its quality report.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `sharegpt4v data ingest` or an earlier run,
-            e.g. "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        dataset_uri: {pipeline.dataset_uri}
         captioner: The trained captioner: a registered version or alias, or a checkpoint, e.g.
             "models:/sharegpt4v-captioner@champion" (the default) or "models:/sharegpt4v-captioner/2".
-        output_root: S3 prefix every output goes under, in content-keyed folders (data/, captions/, models/,
-            eval/, reports/, serving/): resubmitting with the same parameters resumes or reuses the work, e.g.
-            "s3://sharegpt4v/pipeline".
+        output_root: {pipeline.output_root}
         split: The images to caption, e.g. "train"; "" for every image.
         reference: A caption set the quality report compares with, e.g. the teacher's seed captions
             "s3://sharegpt4v/pipeline/captions/seed-0123456789ab"; "" for none.
-        shard_groups: Parallel corpus captioning tasks (count, at least 1), each on `caption_gpus` GPUs,
-            e.g. 4.
-        caption_gpus: GPUs (nvidia.com/gpu) per corpus captioning task (count), e.g. 1.
-        gpu_product: The `nvidia.com/gpu.product` node label GPU tasks are scheduled on, e.g.
-            "NVIDIA-A100-SXM4-80GB" (the default) or "NVIDIA-H100-80GB-HBM3".
-        profile: Recipe profile: "a100-7b" (7B LMM, DeepSpeed ZeRO-3 on 8 x A100 80GB nodes) or "tiny" (small
-            models, for smoke runs); see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
-        mlflow_experiment: MLflow experiment of the pipeline's run and its tasks' nested runs, e.g.
-            "sharegpt4v"; created when missing.
+        shard_groups: {pipeline.shard_groups}
+        caption_gpus: {pipeline.caption_gpus}
+        gpu_product: {pipeline.gpu_product}
+        profile: {pipeline.profile}
+        overrides: {overrides}
+        mlflow_experiment: {pipeline.mlflow_experiment}
     """
     params = {"dataset_uri": dataset_uri, "captioner": captioner, "output_root": output_root, "split": split,
               "shard_groups": shard_groups, "caption_gpus": caption_gpus, "gpu_product": gpu_product,
@@ -315,6 +295,7 @@ def caption_corpus(
 
 
 @dsl.pipeline(name="train-captioner")
+@catalog.document
 def train_captioner(
     dataset_uri: str,
     output_root: str = DEFAULT_ROOT,
@@ -333,37 +314,20 @@ def train_captioner(
     """Seed captions from the teacher VLM, then the captioner.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `sharegpt4v data ingest` or an earlier run,
-            e.g. "s3://sharegpt4v/pipeline/data/world-0123456789ab".
-        output_root: S3 prefix every output goes under, in content-keyed folders (data/, captions/, models/,
-            eval/, reports/, serving/): resubmitting with the same parameters resumes or reuses the work, e.g.
-            "s3://sharegpt4v/pipeline".
-        seed_split: The images the teacher captions and the captioner learns from, e.g. "val"; "" for every
-            image.
+        dataset_uri: {pipeline.dataset_uri}
+        output_root: {pipeline.output_root}
+        seed_split: {pipeline.seed_split}
         base_split: With `captioner_base` "", the images whose brief captions the captioner's base is
             pretrained on, e.g. "train" (disjoint from `seed_split`).
-        captioner_base: The pretrained LMM the captioner is fine-tuned from: a registered version or
-            checkpoint, e.g. "models:/llava-1.5-7b/1" or a mirrored llava-1.5-7b-hf "s3://models/llava-1.5-7b-hf";
-            "" pretrains one here on the brief captions of `base_split`.
-        teacher_endpoint: OpenAI-compatible base URL of the teacher VLM, ending in /v1, e.g.
-            "https://api.openai.com/v1" or an in-cluster vLLM "http://teacher.sharegpt4v:8000/v1"; "" reads
-            OPENAI_BASE_URL from the sharegpt4v-teacher Secret (whose OPENAI_API_KEY is the key in every case);
-            "synthetic": the synthetic world's stand-in teacher (synthetic worlds only, no network).
-        teacher_model: The model the teacher endpoint serves, e.g. "gpt-4o"; "" keeps the recipe's
-            `teacher.model`.
-        teacher_budget_usd: Most the seed captions may cost, in US dollars (e.g. 50.0), priced per 1k
-            tokens by the recipe; 0 keeps the recipe's `teacher.budget_usd` (unset: no cap). At the budget the
-            seed captions task stops and fails; a rerun continues where it stopped.
-        train_gpus: GPUs (nvidia.com/gpu) per training task, one process each (count), e.g. 8 for one
-            8 x A100 node.
-        gpu_product: The `nvidia.com/gpu.product` node label GPU tasks are scheduled on, e.g.
-            "NVIDIA-A100-SXM4-80GB" (the default) or "NVIDIA-H100-80GB-HBM3".
-        profile: Recipe profile: "a100-7b" (7B LMM, DeepSpeed ZeRO-3 on 8 x A100 80GB nodes) or "tiny" (small
-            models, for smoke runs); see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
-        mlflow_experiment: MLflow experiment of the pipeline's run and its tasks' nested runs, e.g.
-            "sharegpt4v"; created when missing.
+        captioner_base: {pipeline.captioner_base(split=base_split)}
+        teacher_endpoint: {pipeline.teacher_endpoint}
+        teacher_model: {pipeline.teacher_model}
+        teacher_budget_usd: {pipeline.teacher_budget_usd}
+        train_gpus: {pipeline.train_gpus}
+        gpu_product: {pipeline.gpu_product}
+        profile: {pipeline.profile}
+        overrides: {overrides}
+        mlflow_experiment: {pipeline.mlflow_experiment}
     """
     params = {"dataset_uri": dataset_uri, "output_root": output_root, "seed_split": seed_split,
               "base_split": base_split, "captioner_base": captioner_base, "teacher_endpoint": teacher_endpoint,
@@ -377,6 +341,7 @@ def train_captioner(
 
 
 @dsl.pipeline(name="train-lmm")
+@catalog.document
 def train_lmm(
     dataset_uri: str,
     captions: str,
@@ -396,32 +361,22 @@ def train_lmm(
     """Pretraining on a captioned corpus, SFT, evaluation; champion over the threshold.
 
     Args:
-        dataset_uri: The image dataset (shards + manifest) from `sharegpt4v data ingest` or an earlier run,
-            e.g. "s3://sharegpt4v/pipeline/data/world-0123456789ab".
+        dataset_uri: {pipeline.dataset_uri}
         captions: The corpus caption set pretraining learns from (from `caption-corpus`), e.g.
             "s3://sharegpt4v/pipeline/captions/corpus-0123456789ab".
-        output_root: S3 prefix every output goes under, in content-keyed folders (data/, captions/, models/,
-            eval/, reports/, serving/): resubmitting with the same parameters resumes or reuses the work, e.g.
-            "s3://sharegpt4v/pipeline".
-        base_model: Where pretraining starts: a registered version or checkpoint, e.g.
-            "models:/sharegpt4v-base/1"; "" builds the model from the recipe's vision encoder and language model.
+        output_root: {pipeline.output_root}
+        base_model: {pipeline.base_model}
         corpus_split: The images whose captions pretraining trains on, e.g. "train"; "" for every image.
-        sft_split: The images whose questions instruction tuning (SFT) trains on, e.g. "val".
-        train_gpus: GPUs (nvidia.com/gpu) per training task, one process each (count), e.g. 8 for one
-            8 x A100 node.
-        eval_gpus: GPUs (nvidia.com/gpu) of the evaluation task (count), e.g. 1.
-        gpu_product: The `nvidia.com/gpu.product` node label GPU tasks are scheduled on, e.g.
-            "NVIDIA-A100-SXM4-80GB" (the default) or "NVIDIA-H100-80GB-HBM3".
-        champion_metric: The metric that decides promotion, "<benchmark>.<metric>", e.g.
-            "world-vqa.overall" (accuracy, 0 to 1); the run fails when the benchmarks do not measure it.
+        sft_split: {pipeline.sft_split}
+        train_gpus: {pipeline.train_gpus}
+        eval_gpus: {pipeline.eval_gpus}
+        gpu_product: {pipeline.gpu_product}
+        champion_metric: {pipeline.champion_metric}
         champion_threshold: Promote the SFT model to champion only when `champion_metric` is at
             least this (the metric's unit, e.g. 0.5 = 50% accuracy); 0 always promotes.
-        profile: Recipe profile: "a100-7b" (7B LMM, DeepSpeed ZeRO-3 on 8 x A100 80GB nodes) or "tiny" (small
-            models, for smoke runs); see `sharegpt4v/profiles/`.
-        overrides: Recipe overrides applied after the profile, "section.key=value" strings, e.g.
-            ["pretrain.max_steps=500", "eval.limit=200"]; [] for none.
-        mlflow_experiment: MLflow experiment of the pipeline's run and its tasks' nested runs, e.g.
-            "sharegpt4v"; created when missing.
+        profile: {pipeline.profile}
+        overrides: {overrides}
+        mlflow_experiment: {pipeline.mlflow_experiment}
     """
     params = {"dataset_uri": dataset_uri, "captions": captions, "output_root": output_root, "base_model": base_model,
               "corpus_split": corpus_split, "sft_split": sft_split, "train_gpus": train_gpus, "eval_gpus": eval_gpus,

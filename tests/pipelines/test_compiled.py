@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,51 @@ def test_every_parameter_of_every_pipeline_and_component_has_a_description(name:
     exit_handler = spec["components"]["comp-exit-handler-1"]["inputDefinitions"]["parameters"]
     assert exit_handler["pipelinechannel--gpu_product"]["description"] == root["gpu_product"]["description"]
 
+
+
+def test_shared_descriptions_are_written_out_in_the_docstrings_and_in_the_source_the_container_runs() -> None:
+    import ast
+    import inspect
+
+    from components import catalog
+    from pipelines import definitions
+
+    root = Path(__file__).resolve().parents[2]
+    placeholders = "".join((root / path).read_text() for path in ("components/stages.py", "pipelines/definitions.py"))
+    uses = [match.group(1) for match in catalog._PLACEHOLDER.finditer(placeholders)]
+    # each shared description serves two docstrings at least (one used once belongs in its docstring)
+    assert {name: uses.count(name) for name in catalog.SHARED_DOCS if uses.count(name) < 2} == {}
+    for pipeline in definitions.PIPELINES.values():
+        doc = pipeline.pipeline_func.__doc__
+        assert catalog.expand(doc) == doc and not re.search(r"\{pipeline\.\w+", doc)
+    for name, (component, _) in catalog.CATALOG.items():
+        doc = component.python_func.__doc__ or ""
+        assert catalog.expand(doc) == doc, name  # nothing left to fill in
+        source = component.component_spec.implementation.container.command[-1]
+        node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
+        assert inspect.cleandoc(ast.get_docstring(node, clean=False) or "") == inspect.cleandoc(doc), name
+    profile = catalog.CATALOG["sft"][0].component_spec.inputs["profile"].description
+    assert profile == catalog.SHARED_DOCS["profile"]  # the IR description: the shared text as it stands
+
+
+def test_expand_fills_in_fields_keeps_the_indentation_and_refuses_an_unknown_or_malformed_placeholder() -> None:
+    from components import catalog
+
+    doc = "Do it.\n\n    Args:\n        out_root: {out_root(folder=x, area=models)}\n        gpus: {task_gpus}\n    "
+    text = catalog.expand(doc)
+    assert ("        out_root: S3 prefix (or local folder) of the output, written to `<out_root>/x-<key>` (the key: 12 "
+            "hex\n            digits of the inputs") in text
+    assert 'e.g.\n            "s3://sharegpt4v/pipeline/models".\n        gpus: GPUs the task is given' in text
+    plain = '{"uri": the set} {{$.pipeline_job_uuid}} [{group, groups}] {"<benchmark>.<metric>": value}'
+    assert catalog.expand(plain) == plain
+    for bad, message in [("{nope}", "no 'nope' in components.catalog.SHARED_DOCS"),
+                         ("{out_root}", "'out_root' takes area, folder, got none"),
+                         ("{out_root(folder=x)}", "takes area, folder, got folder"),
+                         ("{profile(area=x)}", "takes no fields, got area"),
+                         ("{out_root(folder, area=x)}", "field=value"),
+                         ("{out_root(folder=x, area=y}", "malformed")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            catalog.expand(f"        out_root: {bad}")
 
 UNDOCUMENTED = '''
 from kfp import dsl
