@@ -285,9 +285,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.image:
             raise UsageError("--trainjob needs --image (the training image, pinned by tag or digest)")
         job = build_trainjob(
-            args.stage, recipe, name=args.name or f"sharegpt4v-{args.stage}", image=args.image, data=args.data[0],
+            args.stage, recipe, name=args.name or f"sharegpt4v-{args.stage}", image=args.image, data=list(args.data),
             out=args.out, init=args.init, captions=args.captions, overrides=args.overrides, runtime=args.runtime,
-            namespace=args.namespace,
+            namespace=args.namespace, split=args.split,
         )
         print(yaml.safe_dump(job, sort_keys=False), end="")
         return 0

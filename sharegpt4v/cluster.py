@@ -45,13 +45,26 @@ def secret_env(secrets: tuple[str, ...] = (S3_SECRET, MLFLOW_SECRET)) -> list[di
     ]
 
 
-def training_args(stage: str, recipe: RecipeConfig, data: str, out: str, init: str | None, captions: str | None,
-                  overrides: list[str] | tuple[str, ...]) -> list[str]:
-    args = ["--stage", stage, "--profile", recipe.profile, "--data", data, "--out", out]
+def _merge_env(base: list[dict[str, Any]], extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`base` with each entry of `extra` replacing the one of the same name (else appended), in order."""
+    merged = {e["name"]: e for e in base}
+    merged.update({e["name"]: e for e in extra})
+    return list(merged.values())
+
+
+def training_args(stage: str, recipe: RecipeConfig, data: str | list[str] | tuple[str, ...], out: str, init: str | None,
+                  captions: str | None, overrides: list[str] | tuple[str, ...], split: str | None = None) -> list[str]:
+    """`python -m sharegpt4v.training.run` arguments. `split`: None leaves the run's default (train), "" all shards."""
+    args = ["--stage", stage, "--profile", recipe.profile]
+    for uri in [data] if isinstance(data, str) else data:
+        args += ["--data", uri]
+    args += ["--out", out]
     if init:
         args += ["--init", init]
     if captions:
         args += ["--captions", captions]
+    if split is not None:
+        args += ["--split", split]
     return args + list(overrides)
 
 
@@ -61,7 +74,7 @@ def build_trainjob(
     *,
     name: str,
     image: str,
-    data: str,
+    data: str | list[str] | tuple[str, ...],
     out: str,
     init: str | None = None,
     captions: str | None = None,
@@ -72,17 +85,23 @@ def build_trainjob(
     cpu_per_node: str = "96",
     memory_per_node: str = "900Gi",
     shm_size: str = "128Gi",
+    split: str | None = None,
+    env: list[dict[str, Any]] | None = None,
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A TrainJob running `stage` on `compute.num_nodes` x `compute.gpus_per_node` GPUs.
 
     `torch-distributed` and `sharegpt4v-deepspeed` (the platform's namespaced TrainingRuntime) launch
     the trainer with torchrun (the runtime sets its PET_* rendezvous variables);
     `deepspeed-distributed` launches it with mpirun over the runtime's MPI hostfile.
+    `env` entries are added to the trainer's (one of the same name replaces it); `labels` and
+    `annotations` go to the TrainJob's metadata.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     compute = recipe.compute
-    args = training_args(stage, recipe, data, out, init, captions, overrides)
+    args = training_args(stage, recipe, data, out, init, captions, overrides, split)
     if runtime != "deepspeed-distributed":
         command = ["torchrun", "-m", "sharegpt4v.training.run", *args]
     else:
@@ -102,7 +121,8 @@ def build_trainjob(
         "metadata": {
             "name": name,
             **({"namespace": namespace} if namespace else {}),
-            "labels": {"app.kubernetes.io/part-of": "sharegpt4v", "sharegpt4v/stage": stage},
+            "labels": {"app.kubernetes.io/part-of": "sharegpt4v", "sharegpt4v/stage": stage, **(labels or {})},
+            **({"annotations": dict(annotations)} if annotations else {}),
         },
         "spec": {
             "runtimeRef": {"name": runtime, "kind": RUNTIME_KINDS[runtime], "apiGroup": "trainer.kubeflow.org"},
@@ -115,11 +135,11 @@ def build_trainjob(
                     "requests": {"cpu": cpu_per_node, "memory": memory_per_node, GPU_RESOURCE: gpus},
                     "limits": {GPU_RESOURCE: gpus, "memory": memory_per_node},
                 },
-                "env": [
+                "env": _merge_env([
                     *secret_env(),
                     {"name": "MLFLOW_EXPERIMENT_NAME", "value": "sharegpt4v"},
                     {"name": "NCCL_DEBUG", "value": "WARN"},
-                ],
+                ], env or []),
             },
             "runtimePatches": [
                 {

@@ -152,12 +152,13 @@ def start_pipeline_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params
 def check_training_plan(profile: str, overrides: list[str], train_gpus: int = 0) -> list[Any]:
     """Print each training stage's per-GPU memory; refuse (one line) a plan that cannot fit.
 
-    `train_gpus`: the processes a train task launches in its pod (the recipe's compute otherwise)."""
+    `train_gpus`: the processes a one-node train task launches in its pod; a multi-node recipe trains as a
+    TrainJob on its own `num_nodes x gpus_per_node` GPUs, so its plan is the recipe's."""
     from sharegpt4v.config import recipe_from_dict
     from sharegpt4v.training.memory import check_memory_fit, format_plan, memory_plan
 
     recipe = recipe_of(profile, overrides)
-    if train_gpus and recipe.compute.world_size != train_gpus:  # as training.run.launch does
+    if train_gpus and recipe.compute.num_nodes == 1 and recipe.compute.world_size != train_gpus:  # as launch does
         data = recipe.to_dict()
         data["compute"].update(num_nodes=1, gpus_per_node=train_gpus)
         recipe = recipe_from_dict(data)
@@ -166,7 +167,33 @@ def check_training_plan(profile: str, overrides: list[str], train_gpus: int = 0)
 
 
 def finish_pipeline_run(kfp_run_id: str, state: str, error: str = "") -> str:
-    """Mark the pipeline's MLflow run FINISHED (the KFP run succeeded) or FAILED; returns the status set."""
+    """Mark the pipeline's MLflow run FINISHED (the KFP run succeeded) or FAILED; returns the status set.
+
+    A run that did not succeed (failed, cancelled) first deletes the unfinished TrainJobs it started
+    (labelled with its KFP run id), when this runs in a pod; a failed clean-up is raised after the MLflow run
+    is marked, so the exit handler's task shows it.
+    """
+    cleanup_error = _stop_trainjobs(kfp_run_id, state)
+    status = _mark_pipeline_run(kfp_run_id, state, error)
+    if cleanup_error is not None:
+        raise cleanup_error
+    return status
+
+
+def _stop_trainjobs(kfp_run_id: str, state: str) -> Exception | None:
+    from sharegpt4v.training.trainjob import cleanup_trainjobs, in_cluster
+
+    if state.upper() == "SUCCEEDED" or not kfp_run_id or not in_cluster():
+        return None
+    try:
+        cleanup_trainjobs(kfp_run_id)
+    except Exception as exc:  # the API server unreachable, not allowed: the MLflow run is marked all the same
+        print(f"exit handler: {exc}", flush=True)
+        return exc
+    return None
+
+
+def _mark_pipeline_run(kfp_run_id: str, state: str, error: str) -> str:
     run_id = find_pipeline_run(kfp_run_id)
     if run_id is None:
         return "none"
@@ -343,6 +370,10 @@ def train(stage: str, dataset_uri: str, dataset_digest: str, captions: str, capt
           register_as: str = "") -> dict[str, Any]:
     """Train `stage` (captioner, pretrain, sft) on `split` with `gpus` processes and register it (alias candidate).
 
+    With `compute.num_nodes > 1` the stage runs as a Kubeflow Trainer TrainJob on `num_nodes x
+    gpus_per_node` GPUs (`sharegpt4v.training.trainjob`: created or re-attached, followed, deleted on
+    SIGTERM) into the same prefix, and `gpus` only is recorded; the result is the same.
+
     The checkpoint prefix is `<out_root>/<stage>-<key>`, keyed by the input digests, the split, the init
     checkpoint and the recipe: a retried task resumes from its newest checkpoint, a finished one
     returns at once, and the same checkpoint is registered once. `init`: a checkpoint, a `models:/`
@@ -363,7 +394,13 @@ def train(stage: str, dataset_uri: str, dataset_digest: str, captions: str, capt
     pipeline_run = find_pipeline_run()  # before task_run: inside, new runs nest under the task's run
     with task_run(name, params):
         inputs = StageInputs([dataset_uri], captions=captions or None, split=split or None)
-        result = launch(stage, recipe, inputs, out, init=init_checkpoint, nproc=int(gpus))
+        if recipe.compute.num_nodes > 1:  # a Kubeflow Trainer TrainJob on the recipe's nodes, followed from here
+            from sharegpt4v.training.trainjob import run_trainjob
+
+            result = run_trainjob(stage, recipe, inputs, out, init_checkpoint, profile=profile,
+                                  overrides=[str(o) for o in overrides or []])
+        else:
+            result = launch(stage, recipe, inputs, out, init=init_checkpoint, nproc=int(gpus))
         registered: dict[str, str] = {}
         if tracking.tracking_enabled():
             lineage = tracking.stage_lineage(parent, init, dataset_uri, dataset_digest, captions, captions_digest,

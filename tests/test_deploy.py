@@ -4,9 +4,6 @@ InferenceService through the Kubernetes API (against a recording fake API server
 from __future__ import annotations
 
 import io
-import json
-import threading
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,98 +14,9 @@ from sharegpt4v import cluster, deploy
 from sharegpt4v.cli import main
 from sharegpt4v.deploy import DeployError, apply_inference_service, render_deployment, render_inference_service
 from tests.crds import validate
-from tests.json_http import JsonHandler
+from tests.kube_fake import FakeKubeApiServer
 
 ISVCS = "/apis/serving.kserve.io/v1beta1/namespaces/{ns}/inferenceservices"
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-class FakeKubeApiServer:
-    """Test double of the Kubernetes API server for custom objects: objects by path, every request
-    recorded as (method, path, content type, body). GET on a missing object answers 404, POST creates
-    (409 if it exists), PATCH applies a JSON merge patch (415 for any other patch type). `fail`
-    maps a method to a status it answers instead."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.requests: list[tuple[str, str, str | None, Any]] = []
-        self.fail: dict[str, int] = {}
-        fake = self
-
-        class Handler(JsonHandler):
-
-            def _status(self, code: int, reason: str) -> None:
-                self._reply(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
-                                   "code": code})
-
-            def _handle(self, method: str) -> None:
-                path = self.path.split("?")[0]
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                fake.requests.append((method, path, self.headers.get("Content-Type"), body))
-                if method in fake.fail:
-                    return self._status(fake.fail[method], "Forbidden")
-                if method == "GET":
-                    if path in fake.objects:
-                        return self._reply(200, fake.objects[path])
-                    return self._status(404, "NotFound")
-                if method == "POST":
-                    key = f"{path}/{body['metadata']['name']}"
-                    if key in fake.objects:
-                        return self._status(409, "AlreadyExists")
-                    fake.objects[key] = merge_patch(body, {"metadata": {"uid": "uid-1", "resourceVersion": "1"}})
-                    return self._reply(201, fake.objects[key])
-                if method == "PATCH":
-                    if self.headers.get("Content-Type") != "application/merge-patch+json":
-                        return self._status(415, "UnsupportedMediaType")
-                    if path not in fake.objects:
-                        return self._status(404, "NotFound")
-                    fake.objects[path] = merge_patch(fake.objects[path], body)
-                    return self._reply(200, fake.objects[path])
-                return self._status(405, "MethodNotAllowed")
-
-            def do_GET(self) -> None:
-                self._handle("GET")
-
-            def do_POST(self) -> None:
-                self._handle("POST")
-
-            def do_PATCH(self) -> None:
-                self._handle("PATCH")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeKubeApiServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def client(self) -> Any:
-        from kubernetes import client
-
-        configuration = client.Configuration()
-        configuration.host = self.url
-        return client.ApiClient(configuration)
-
-    def methods(self) -> list[str]:
-        return [method for method, *_ in self.requests]
 
 
 @pytest.fixture

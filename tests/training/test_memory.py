@@ -91,12 +91,13 @@ def test_the_pipeline_start_task_prints_the_plan_and_refuses_what_cannot_fit(cap
     from sharegpt4v.stages import start_pipeline_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # no tracking: the check alone
+    one_node = "compute.num_nodes=1 compute.gpu_memory_gib=24"  # a one-node recipe trains in the task's pod
     with pytest.raises(MemoryPlanError, match="compute.gpu_memory_gib is 24"):
         start_pipeline_run("sharegpt4v", "kfp-run-1", "run", {"profile": "a100-7b", "train_gpus": 1,
-                                                              "overrides": "compute.gpu_memory_gib=24"})
+                                                              "overrides": one_node})
     assert "pretrain" in capsys.readouterr().out
-    # 8 GPUs in the pod (the pipeline's default train_gpus), ZeRO-3: fits, and the run starts
-    assert start_pipeline_run("sharegpt4v", "kfp-run-2", "run", {"profile": "a100-7b", "train_gpus": 8}) == ""
+    # the 2-node recipe trains as a TrainJob on its 16 GPUs whatever train_gpus says: fits, and the run starts
+    assert start_pipeline_run("sharegpt4v", "kfp-run-2", "run", {"profile": "a100-7b", "train_gpus": 1}) == ""
     assert "yes" in capsys.readouterr().out
 
 
