@@ -487,9 +487,16 @@ def cmd_deploy_render(args: argparse.Namespace) -> int:
         raise UsageError(f"--storage-uri {unknown[0]}=...: not a served model (known: {known})")
     objects = deploy.render_deployment(args.profile, models=tuple(args.model or deploy.SERVED_MODELS),
                                        storage_uris=uris, namespace=args.namespace, image=args.image,
-                                       engine=args.engine)
+                                       engine=args.engine, transformer_image=args.openai_image)
     print(deploy.to_yaml(objects), end="")
     return 0
+
+
+def _openai_image_arg(p: argparse.ArgumentParser) -> None:
+    from sharegpt4v.cluster import TRAIN_IMAGE
+
+    p.add_argument("--openai-image", default=TRAIN_IMAGE, metavar="IMAGE",
+                   help=f"image of the OpenAI API transformer (default: {TRAIN_IMAGE}, the train image)")
 
 
 def _key_value(item: str, flag: str) -> tuple[str, str]:
@@ -503,7 +510,7 @@ def cmd_deploy_apply(args: argparse.Namespace) -> int:
     from sharegpt4v import deploy
 
     obj = deploy.render_inference_service(args.model, args.profile, storage_uri=args.storage_uri,
-                                          namespace=args.namespace)
+                                          namespace=args.namespace, transformer_image=args.openai_image)
     result = deploy.apply_inference_service(obj, dry_run=args.dry_run)
     if not args.dry_run:
         name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
@@ -589,6 +596,25 @@ def cmd_serve_vllm(args: argparse.Namespace) -> int:
     return _serve_until_interrupted(
         lambda: start_vllm_server(checkpoint, args.name, port=args.port, workdir=args.workdir, timeout=args.timeout),
         "the vLLM server", lambda server: f"vLLM ready: OpenAI API {server.openai_base_url} (model {args.name!r})")
+
+
+def cmd_serve_openai(args: argparse.Namespace) -> int:
+    from sharegpt4v.serving.openai_frontend import DEFAULT_MODELS, create_app, serve
+
+    models = dict(_pairs(args.model, "--model", "OPENAI_ID=TRITON_MODEL")) if args.model else dict(DEFAULT_MODELS)
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    try:
+        app = create_app(args.triton_url, models, args.fetch_allow, api_key=api_key, timeout_s=args.timeout)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"OpenAI API on http://{args.host}:{args.port}/v1 (models: {', '.join(models)}) in front of Triton at "
+          f"{redact_text(app.state.triton.base_url)}; Ctrl-C stops it", flush=True)
+    serve(app, args.host, args.port)
+    return 0
 
 
 def _client_call(args: argparse.Namespace) -> dict[str, Any]:
@@ -926,6 +952,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="transformers", choices=("transformers", "vllm"),
                    help="transformers: Triton on a model repository; vllm: vLLM's OpenAI server on a checkpoint "
                         "(--storage-uri then names llava-hf checkpoints)")
+    _openai_image_arg(p)
     p.add_argument("--write", action="store_true", help="regenerate the generated files under --manifests instead")
     p.add_argument("--check", action="store_true", help="exit 1 if the generated files under --manifests are out of date")
     p.add_argument("--manifests", default="manifests", help="the repository's manifests/ folder")
@@ -936,6 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="prod", choices=("dev", "prod"))
     p.add_argument("--namespace", default="sharegpt4v")
     p.add_argument("--dry-run", action="store_true", help="print the InferenceService and change nothing")
+    _openai_image_arg(p)
     p.add_argument("--wait", action="store_true", help="wait until it is Ready")
     p.add_argument("--timeout", type=_seconds, default=1800.0, help="seconds --wait waits")
     serve = sub.add_parser("serve", help="Triton model repositories and local serving").add_subparsers(
@@ -968,6 +996,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--workdir", default=None, help="folder for the server log (default: a temp folder)")
     p.add_argument("--timeout", type=_seconds, default=600.0, help="seconds to wait for the model to load")
+
+    p = add(serve, "openai", cmd_serve_openai,
+            "an OpenAI-compatible API (chat completions with an image, streaming, models) in front of a Triton server "
+            "serving the chat model and/or the captioner, until Ctrl-C; in the cluster, the InferenceService's transformer")
+    p.add_argument("--triton-url", "--predictor_host", dest="triton_url", required=True, metavar="URL",
+                   help="the Triton server's HTTP endpoint, e.g. http://127.0.0.1:8000 (KServe passes --predictor_host)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
+    p.add_argument("--port", "--http_port", dest="port", type=_port, default=8080)
+    p.add_argument("--model", action="append", default=[], metavar="OPENAI_ID=TRITON_MODEL",
+                   help="a model clients ask for, and the Triton model behind it (repeat; default: "
+                        "sharegpt4v-chat=chat and sharegpt4v-captioner=captioner)")
+    p.add_argument("--fetch-allow", action="append", default=[], metavar="PREFIX",
+                   help="image URLs the server may fetch start with this s3://bucket/prefix or http(s)://host/path "
+                        "(repeat; default: none, images come as data URLs)")
+    p.add_argument("--api-key-env", default=None, metavar="VAR",
+                   help="require `Authorization: Bearer $VAR` (default: any key is accepted)")
+    p.add_argument("--timeout", type=_seconds, default=300.0, help="seconds a generation may take")
+    p.add_argument("--model_name", help=argparse.SUPPRESS)  # KServe appends the InferenceService's name...
+    p.add_argument("--workers", help=argparse.SUPPRESS)  # ...and, with containerConcurrency, a worker count
 
     client = sub.add_parser("client", help="call a served model over the V2 protocol (local Triton or KServe)")
     client_sub = client.add_subparsers(dest="action", required=True)

@@ -307,6 +307,44 @@ def build_vllm_serving_runtime(name: str = VLLM_RUNTIME, *, image: str = TRAIN_I
     }
 
 
+# The OpenAI API in front of Triton (sharegpt4v.serving.openai_frontend): each Triton InferenceService's KServe
+# transformer. KServe routes the service's traffic to it and appends `--model_name <service> --predictor_host
+# <service>-predictor.<namespace> --http_port 8080` to its arguments (`serve openai` takes them).
+OPENAI_PORT = 8080
+OPENAI_FETCH_ALLOW = (f"s3://{BUCKET}/uploads/",)  # image URLs the API may read (clients upload images here)
+TRITON_MODELS = {"captioner": "captioner", "chat": "chat"}  # served model -> its Triton model
+
+
+def build_openai_transformer(name: str, model: str, *, image: str = TRAIN_IMAGE,
+                             fetch_allow: tuple[str, ...] = OPENAI_FETCH_ALLOW, min_replicas: int = 1,
+                             max_replicas: int = 1, cpu: str = "1", memory: str = "1Gi") -> dict[str, Any]:
+    """The `spec.transformer` of InferenceService `name`: `sharegpt4v serve openai` (the train image has the
+    project with FastAPI/uvicorn/aiohttp) serving OpenAI model id `name` from the predictor's Triton `model`;
+    ready once that Triton is (`/ready`). It reads allow-listed s3:// images with the platform's S3 Secret."""
+    args = ["serve", "openai", "--host", "0.0.0.0", "--port", str(OPENAI_PORT), "--model", f"{name}={TRITON_MODELS[model]}"]
+    for prefix in fetch_allow:
+        args += ["--fetch-allow", prefix]
+    return {
+        "minReplicas": min_replicas,
+        "maxReplicas": max_replicas,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": SERVING_UID, "runAsGroup": SERVING_UID},
+        "containers": [{
+            "name": "kserve-container",
+            "image": image,
+            "command": ["sharegpt4v"],
+            "args": args,
+            "env": secret_env((S3_SECRET,)),
+            "ports": [{"containerPort": OPENAI_PORT, "name": "http1", "protocol": "TCP"}],
+            "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": OPENAI_PORT}, "periodSeconds": 10,
+                               "failureThreshold": 3},
+            "livenessProbe": {"httpGet": {"path": "/health", "port": OPENAI_PORT}, "periodSeconds": 30,
+                              "failureThreshold": 5},
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        }],
+    }
+
+
 def build_inference_service(
     name: str,
     storage_uri: str,
@@ -323,9 +361,15 @@ def build_inference_service(
     shm_size: str = "16Gi",
     gpu_product: str | None = A100_PRODUCT,
     labels: dict[str, str] | None = None,
+    openai_model: str | None = None,
+    transformer_image: str = TRAIN_IMAGE,
 ) -> dict[str, Any]:
     """A KServe InferenceService serving the Triton repository at `storage_uri` (an `s3://` prefix), or,
     with `engine="vllm"`, the llava-hf checkpoint at `storage_uri` on the vLLM runtime (OpenAI protocol).
+
+    `openai_model` (captioner or chat; Triton only) adds the OpenAI API as the service's transformer
+    (`build_openai_transformer`, on `transformer_image`): the service's URL then answers `/v1/...`
+    and passes `/v2/...` through to Triton.
 
     KServe's storage initializer downloads the repository to /mnt/models with the credentials of
     `service_account`'s Secret; the `runtime` ServingRuntime starts Triton on it (protocol v2). With
@@ -371,6 +415,14 @@ def build_inference_service(
     if gpus and gpu_product:
         predictor["nodeSelector"] = {GPU_PRODUCT_LABEL: gpu_product}
         predictor["tolerations"] = [GPU_TOLERATION]
+    spec: dict[str, Any] = {"predictor": predictor}
+    if openai_model is not None:
+        if vllm:
+            raise ValueError("openai_model: the vLLM runtime serves the OpenAI API itself; no transformer")
+        if openai_model not in TRITON_MODELS:
+            raise ValueError(f"openai_model {openai_model!r}: choose one of {', '.join(TRITON_MODELS)}")
+        spec["transformer"] = build_openai_transformer(name, openai_model, image=transformer_image,
+                                                       min_replicas=min_replicas, max_replicas=max_replicas)
     return {
         "apiVersion": KSERVE_API,
         "kind": "InferenceService",
@@ -379,5 +431,5 @@ def build_inference_service(
             **({"namespace": namespace} if namespace else {}),
             "labels": {**PART_OF, "app.kubernetes.io/component": "serving", **(labels or {})},
         },
-        "spec": {"predictor": predictor},
+        "spec": spec,
     }

@@ -71,9 +71,12 @@ PROFILES: dict[str, dict[str, Predictor]] = {
 
 
 def render_inference_service(model: str, profile: str = "prod", *, storage_uri: str | None = None,
-                             namespace: str | None = NAMESPACE, engine: str = "transformers") -> dict[str, Any]:
+                             namespace: str | None = NAMESPACE, engine: str = "transformers",
+                             transformer_image: str = TRAIN_IMAGE) -> dict[str, Any]:
     """The InferenceService of `model` (captioner or chat) in `profile`, serving `storage_uri`
-    (default: where the exporter puts that model's repository; with `engine="vllm"`, a checkpoint)."""
+    (default: where the exporter puts that model's repository; with `engine="vllm"`, a checkpoint).
+    On Triton its transformer is the OpenAI API (`sharegpt4v serve openai`, on `transformer_image`);
+    vLLM's server speaks OpenAI itself."""
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r}: choose one of {', '.join(PROFILES)}")
     if model not in PROFILES[profile]:
@@ -83,20 +86,22 @@ def render_inference_service(model: str, profile: str = "prod", *, storage_uri: 
         inference_service_name(model), storage_uri or model_storage_uri(model), namespace=namespace, gpus=p.gpus,
         min_replicas=p.min_replicas, max_replicas=p.max_replicas, cpu=p.cpu, memory=p.memory, shm_size=p.shm_size,
         labels={"sharegpt4v/model": model}, engine=engine,  # type: ignore[arg-type]
+        openai_model=model if engine == "transformers" else None, transformer_image=transformer_image,
     )
 
 
 def render_deployment(profile: str = "prod", *, models: tuple[str, ...] = SERVED_MODELS,
                       storage_uris: dict[str, str] | None = None, namespace: str | None = NAMESPACE,
                       image: str | None = None, include_shared: bool = True,
-                      engine: str = "transformers") -> list[dict[str, Any]]:
+                      engine: str = "transformers", transformer_image: str = TRAIN_IMAGE) -> list[dict[str, Any]]:
     """Every serving object of a profile: the ServingRuntime (Triton, or vLLM's OpenAI server with
-    `engine="vllm"`) and the S3 ServiceAccount (`include_shared`), then one InferenceService per model."""
+    `engine="vllm"`) and the S3 ServiceAccount (`include_shared`), then one InferenceService per model
+    (on Triton with the OpenAI API as its transformer, on `transformer_image`)."""
     runtime = (build_vllm_serving_runtime(image=image or TRAIN_IMAGE, namespace=namespace) if engine == "vllm"
                else build_serving_runtime(image=image or SERVING_IMAGE, namespace=namespace))
     objects = [runtime, build_kserve_service_account(namespace=namespace)] if include_shared else []
     return objects + [render_inference_service(m, profile, storage_uri=(storage_uris or {}).get(m), namespace=namespace,
-                                               engine=engine) for m in models]
+                                               engine=engine, transformer_image=transformer_image) for m in models]
 
 
 class _Dumper(yaml.SafeDumper):

@@ -173,3 +173,40 @@ def test_unknown_profile_or_model_is_refused() -> None:
         render_inference_service("chat", "staging")
     with pytest.raises(ValueError, match="captioner, chat"):
         render_inference_service("whisper", "prod")
+
+
+@pytest.mark.parametrize("profile", sorted(deploy.PROFILES))
+def test_each_triton_service_runs_the_openai_api_as_its_transformer(profile: str) -> None:
+    """The transformer's command line, with what KServe appends to a custom transformer's arguments
+    (`--model_name`, `--predictor_host <service>-predictor.<namespace>`, `--http_port`), is a valid
+    `sharegpt4v serve openai` that serves the service's model from its own predictor."""
+    from sharegpt4v.cli import build_parser
+
+    for isvc in render_deployment(profile, include_shared=False):
+        validate(isvc)
+        name, model = isvc["metadata"]["name"], isvc["metadata"]["labels"]["sharegpt4v/model"]
+        transformer = isvc["spec"]["transformer"]
+        container = transformer["containers"][0]
+        assert container["image"] == cluster.TRAIN_IMAGE and container["command"] == ["sharegpt4v"]
+        assert container["ports"] == [{"containerPort": cluster.OPENAI_PORT, "name": "http1", "protocol": "TCP"}]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+        assert {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]} == {cluster.S3_SECRET}
+        assert transformer["maxReplicas"] == isvc["spec"]["predictor"]["maxReplicas"]
+        kserve = ["--model_name", name, "--predictor_host", f"{name}-predictor.{cluster.NAMESPACE}", "--http_port", "8080"]
+        args = build_parser().parse_args([*container["args"], *kserve])
+        assert args.fn.__name__ == "cmd_serve_openai" and (args.host, args.port) == ("0.0.0.0", 8080)
+        assert args.triton_url == f"{name}-predictor.{cluster.NAMESPACE}"
+        assert args.model == [f"{name}={model}"] and args.fetch_allow == list(cluster.OPENAI_FETCH_ALLOW)
+    image = "registry.example.com/sharegpt4v/train@sha256:" + "0" * 64
+    isvc = render_inference_service("chat", profile, transformer_image=image)
+    assert isvc["spec"]["transformer"]["containers"][0]["image"] == image
+    assert "transformer" not in render_inference_service("chat", profile, engine="vllm")["spec"]  # vLLM speaks OpenAI
+
+
+def test_the_openai_api_reaches_triton_at_the_predictor_host() -> None:
+    from sharegpt4v.serving.openai_frontend import triton_base_url
+
+    assert triton_base_url("sharegpt4v-chat-predictor.sharegpt4v") == "http://sharegpt4v-chat-predictor.sharegpt4v"
+    assert triton_base_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    with pytest.raises(ValueError, match="expected http://host:port"):
+        triton_base_url("grpc://x:8001")

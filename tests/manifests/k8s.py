@@ -88,6 +88,10 @@ def containers(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], dict[
     if obj["kind"] == "InferenceService":
         predictor = obj["spec"]["predictor"]
         yield f"InferenceService/{obj['metadata']['name']}", predictor["model"], predictor.get("securityContext", {})
+        transformer = obj["spec"].get("transformer", {})
+        for c in transformer.get("containers", []):
+            yield (f"InferenceService/{obj['metadata']['name']}/transformer/{c['name']}", c,
+                   transformer.get("securityContext", {}))
 
 
 def images(obj: Any) -> Iterator[str]:

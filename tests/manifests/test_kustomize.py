@@ -98,7 +98,7 @@ def test_containers_run_as_non_root_with_resource_requests(rendered, overlay: st
             assert sc.get("allowPrivilegeEscalation") is False, where
             requests = container.get("resources", {}).get("requests", {})
             assert {"cpu", "memory"} <= set(requests), f"{where}: resource requests"
-    assert seen >= 8  # minio, mc, postgres, mlflow, triton runtime, 2 predictors, trainer node
+    assert seen >= 10  # minio, mc, postgres, mlflow, triton runtime, 2 predictors, their 2 transformers, trainer node
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
