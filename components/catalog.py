@@ -38,6 +38,9 @@ SECRETS = {
                     f"{TeacherConfig.api_key_env}); optional: a task given `teacher_endpoint` runs without it",
 }
 ALWAYS = (S3_SECRET, MLFLOW_SECRET)
+# the start task and its outputs a train task's GPU count, CPU and memory come from (components.resources.train_task)
+START_TASK = "start-run"
+START_OUTPUTS = ("train_gpus", "train_cpu", "train_memory")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Card:
     writes: str
     gpu: bool = False  # runs on A100 nodes with nvidia.com/gpu (components.resources.gpu_task)
     teacher: bool = False  # gets the teacher Secret (the OpenAI-compatible key)
+    # a train task (components.resources.train_task): a multi-node recipe trains as a TrainJob it only follows, so
+    # its GPUs, CPU and memory are the start task's train_gpus / train_cpu / train_memory outputs
+    trainjob: bool = False
     needs: str = ""  # anything else: RBAC, network
 
     @property
@@ -58,9 +64,15 @@ class Card:
     def gpu_text(self) -> str:
         if not self.gpu:
             return "none (CPU only)"
-        return (f"`{GPU_RESOURCE}` x the pipeline's GPU-count parameter, on nodes labelled "
-                f"`{GPU_PRODUCT_LABEL}` (the `gpu_product` parameter), with the GPU toleration and a memory-backed "
-                "`/dev/shm`")
+        where = (f"on nodes labelled `{GPU_PRODUCT_LABEL}` (the `gpu_product` parameter), with the GPU toleration and "
+                 "a memory-backed `/dev/shm`")
+        if self.trainjob:
+            return (f"`{GPU_RESOURCE}` x the start task's `{START_OUTPUTS[0]}` output, CPU and memory its "
+                    f"`{START_OUTPUTS[1]}` and `{START_OUTPUTS[2]}`: the `train_gpus` parameter and the \"train\" size "
+                    "for a one-node recipe, which trains in the task's pod; no GPU and the small \"follow\" size for a "
+                    "multi-node one (`compute.num_nodes > 1`), whose pod only creates and follows a TrainJob with GPUs "
+                    f"of its own; {where}")
+        return f"`{GPU_RESOURCE}` x the pipeline's GPU-count parameter, {where}"
 
     def text(self) -> str:
         """The card as the lines appended to the component's description."""
@@ -103,8 +115,9 @@ SHARED_DOCS: dict[str, str] = {name: inspect.cleandoc(text) for name, text in {
         digits of the inputs and the recipe, so a rerun with the same inputs reuses or resumes it), e.g.
         "s3://sharegpt4v/pipeline/{area}".""",
     "training_gpus": """
-        Training processes, one per GPU (count; the task's `nvidia.com/gpu` limit), e.g. 8 for one 8 x A100
-        node, 1 locally.""",
+        Training processes of a one-node recipe, one per GPU (count; then the task's `nvidia.com/gpu` limit),
+        e.g. 8 for one 8 x A100 node, 1 locally; a multi-node recipe (`compute.num_nodes > 1`) trains as a
+        TrainJob on its own `num_nodes x gpus_per_node` GPUs, the task's pod has none, and this is only recorded.""",
     "task_gpus": """
         GPUs the task is given (count; its `nvidia.com/gpu` limit), e.g. 1; recorded in its MLflow run.""",
     "profile": """
@@ -166,7 +179,9 @@ SHARED_DOCS: dict[str, str] = {name: inspect.cleandoc(text) for name, text in {
         e.g. 4.""",
     "pipeline.train_gpus": """
         GPUs (nvidia.com/gpu) per training task, one process each (count), e.g. 8 for one
-        8 x A100 node.""",
+        8 x A100 node, when the recipe is one node; a multi-node recipe (`compute.num_nodes > 1`, e.g.
+        "a100-7b") trains as a TrainJob on its own `num_nodes x gpus_per_node` GPUs and its train tasks,
+        which only follow it, hold no GPU whatever this says.""",
     "pipeline.caption_gpus": """
         GPUs (nvidia.com/gpu) per corpus captioning task (count), e.g. 1.""",
     "pipeline.eval_gpus": """
@@ -256,7 +271,17 @@ def _tasks(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(name, task) for graph in graphs for name, task in graph.get("dag", {}).get("tasks", {}).items()]
 
 
-_CHANNEL = re.compile(r"pipelinechannel--([A-Za-z0-9_]+)")
+_CHANNEL = re.compile(r"pipelinechannel--([A-Za-z0-9_-]+)")
+
+
+def _source(value: Any) -> str:
+    """A resource value as compiled: a constant as it is; a placeholder by what fills it in, a pipeline parameter's
+    name (`train_gpus`) or a task's output, `<task>.<output>` (`start-run.train_cpu`)."""
+    channel = _CHANNEL.search(str(value))
+    if not channel:
+        return str(value)
+    task, _, output = channel.group(1).rpartition("-")  # task names have dashes, parameter and output names none
+    return f"{task}.{output}" if task else output
 
 
 def usage(compiled: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
@@ -270,12 +295,12 @@ def usage(compiled: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> dict[st
                 continue  # a DAG (ExitHandler, If, ParallelFor)
             resources = spec["deploymentSpec"]["executors"][label]["container"].get("resources", {})
             accelerator = resources.get("accelerator", {})
-            count = str(accelerator.get("resourceCount", ""))
-            channel = _CHANNEL.search(count)
             found.setdefault(_function(spec, label), []).append({
                 "pipeline": pipeline, "task": task_name,
-                "gpu": bool(accelerator), "gpu_count": channel.group(1) if channel else count,
-                "cpu": resources.get("resourceCpuRequest", ""), "memory": resources.get("resourceMemoryRequest", ""),
+                "gpu": bool(accelerator), "gpu_count": _source(accelerator.get("resourceCount", "")),
+                "cpu": _source(resources.get("resourceCpuRequest", "")),
+                "memory": _source(resources.get("resourceMemoryRequest", "")),
+                "memory_limit": _source(resources.get("resourceMemoryLimit", "")),
                 "secrets": sorted({s["secretName"] for s in k8s.get(label, {}).get("secretAsEnv", [])}),
                 "cache": bool(task.get("cachingOptions", {}).get("enableCache")),
                 "retries": int(task.get("retryPolicy", {}).get("maxRetryCount", 0)),
@@ -293,6 +318,14 @@ def check_cards(compiled: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> l
             if use["gpu"] != card.gpu:
                 problems.append(f"{where} declares gpu={card.gpu} in components/stages.py, the pipeline gives it "
                                 f"{'GPUs' if use['gpu'] else 'no GPU'}")
+            given = (use["gpu_count"], use["cpu"], use["memory"], use["memory_limit"])
+            wanted = tuple(f"{START_TASK}.{key}" for key in (*START_OUTPUTS, START_OUTPUTS[2]))
+            if card.trainjob and given != wanted:
+                problems.append(f"{where} declares trainjob=True in components/stages.py (GPUs, CPU, memory request "
+                                f"and limit from {', '.join(wanted)}), the pipeline gives it {', '.join(given)}")
+            if not card.trainjob and any(value.startswith(f"{START_TASK}.train_") for value in given):
+                problems.append(f"{where} takes the train tasks' resources from {START_TASK} but does not declare "
+                                "trainjob=True in components/stages.py")
             if set(use["secrets"]) != set(card.secrets):
                 problems.append(f"{where} declares Secrets {', '.join(card.secrets)} in components/stages.py, the "
                                 f"pipeline gives it {', '.join(use['secrets']) or 'none'}")
@@ -340,6 +373,12 @@ def _gpu_counts(runs: list[dict[str, Any]]) -> str:
     return f"; the count: {counts}" if runs else ""
 
 
+def _quantities(values: list[str]) -> str:
+    """Requests as the reference shows them: constants as they are, task outputs and parameters in backticks."""
+    return _distinct([value if not value or re.fullmatch(r"[0-9.]+[A-Za-z]*", value) else f"`{value}`"
+                      for value in values])
+
+
 def render_reference(compiled: dict[str, tuple[dict[str, Any], dict[str, Any]]], image: str) -> str:
     """COMPONENTS.md: every component's description, card, inputs, outputs and how the compiled
     pipelines run it, from `CATALOG` and the compiled pipelines (`{name: (spec, kubernetes executors)}`)."""
@@ -385,7 +424,8 @@ def render_reference(compiled: dict[str, tuple[dict[str, Any], dict[str, Any]]],
                 "| Secrets | " + ", ".join(f"`{s}`" for s in card.secrets) + " |"]
         if card.needs:
             out.append(f"| Also needs | {_cell(card.needs)} |")
-        out += [f"| Requests | CPU {_distinct([r['cpu'] for r in runs])}, memory {_distinct([r['memory'] for r in runs])} |",
+        out += [f"| Requests | CPU {_quantities([r['cpu'] for r in runs])}, memory "
+                f"{_quantities([r['memory'] for r in runs])} |",
                 f"| Caching | {_distinct(['on' if r['cache'] else 'off' for r in runs])} |",
                 f"| Retries | {_distinct([str(r['retries']) for r in runs])} |",
                 f"| Pipelines (tasks) | {_cell(_pipelines_line(runs))} |"]

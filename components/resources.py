@@ -7,6 +7,11 @@ manifests, the TrainJob generator and these components agree on them.
 - GPU tasks request `nvidia.com/gpu` (count from a pipeline parameter), CPU and memory; they
   select A100 nodes through `nvidia.com/gpu.product` (value from a pipeline parameter) and
   tolerate the GPU taint; `/dev/shm` is a memory-backed emptyDir (NCCL and data loaders).
+- Train tasks (`train_task`) take their GPU count, CPU and memory from the start task's outputs
+  (`train_gpus`, `train_cpu`, `train_memory`; `start_run` computes them from the recipe with the
+  sizes below, passed in by `train_sizes`): "train" and the pipeline's GPU count for a one-node
+  recipe, which trains in the task's pod; no GPU and "follow" for a multi-node one, whose pod only
+  creates and follows a TrainJob that has GPUs of its own.
 - Every task reads S3 and MLflow credentials from Kubernetes Secrets as env (never values);
   teacher tasks also the teacher Secret. `KFP_RUN_ID` comes from the pod's `pipeline/runid` label
   (the Downward API), so tasks find the pipeline's MLflow run without an input that would defeat
@@ -25,6 +30,7 @@ from typing import Any
 
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
+from kfp.dsl.pipeline_channel import PipelineChannel
 
 from sharegpt4v.cluster import (
     GPU_RESOURCE,
@@ -54,10 +60,12 @@ class Size:
 
 
 # Requests per kind of task. Training asks for most of an 8 x A100 80GB node (ZeRO-3 gathers the
-# 16-bit weights in host memory at save time); captioning and evaluation one GPU with room for
-# the image decoding workers.
+# 16-bit weights in host memory at save time); a train task of a multi-node recipe only creates and
+# follows its TrainJob (the Kubernetes API, the rank-0 log; ~0.5 GiB resident); captioning and
+# evaluation one GPU with room for the image decoding workers.
 SIZES = {
     "train": Size(cpu="64", memory="800Gi", shm="128Gi"),
+    "follow": Size(cpu="1", memory="2Gi"),
     "caption": Size(cpu="12", memory="96Gi", shm="32Gi"),
     "eval": Size(cpu="12", memory="96Gi", shm="32Gi"),
     "cpu": Size(cpu="4", memory="16Gi"),  # world generation, ingest, teacher calls, reports
@@ -74,12 +82,27 @@ TEACHER_ENV = (TeacherConfig.base_url_env, TeacherConfig.api_key_env)
 
 
 def _size(task: PipelineTask, size: Size) -> None:
-    task.set_cpu_request(size.cpu)
-    task.set_memory_request(size.memory)
-    task.set_memory_limit(size.memory)
+    _requests(task, size.cpu, size.memory)
+    _shm(task, size)
+
+
+def _requests(task: PipelineTask, cpu: Any, memory: Any) -> None:
+    """CPU request, memory request = limit: constants or task outputs (PipelineChannels)."""
+    task.set_cpu_request(cpu)
+    task.set_memory_request(memory)
+    task.set_memory_limit(memory)
+
+
+def _shm(task: PipelineTask, size: Size) -> None:
     if size.shm:
         kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory",
                                    size_limit=size.shm)
+
+
+def train_sizes() -> dict[str, dict[str, str]]:
+    """The start task's `train_size` and `follow_size` inputs: CPU and memory of a train task that trains in
+    its pod ("train") and of one that follows its TrainJob ("follow"), from `SIZES`."""
+    return {f"{name}_size": {"cpu": SIZES[name].cpu, "memory": SIZES[name].memory} for name in ("train", "follow")}
 
 
 def with_secrets(task: PipelineTask, teacher: bool = False) -> PipelineTask:
@@ -127,22 +150,38 @@ def caching(task: PipelineTask, deterministic: bool) -> PipelineTask:
 
 
 def gpu_task(task: PipelineTask, gpus: Any, node_selector: Any, *, size: str, cache: bool,
-             display_name: str | None = None) -> PipelineTask:
-    """A task on A100 nodes: `gpus` (int or pipeline parameter) x nvidia.com/gpu, the node selector
-    (a dict or a task output holding {nvidia.com/gpu.product: <product>}), the GPU toleration,
-    CPU/memory, /dev/shm, credentials, retries and the caching policy."""
+             display_name: str | None = None, cpu: Any = None, memory: Any = None) -> PipelineTask:
+    """A task on A100 nodes: `gpus` (int, pipeline parameter or task output) x nvidia.com/gpu, the node selector
+    (a dict or a task output holding {nvidia.com/gpu.product: <product>}), the GPU toleration, CPU/memory (the
+    size's, or `cpu`/`memory`: constants or task outputs), the size's /dev/shm, credentials, retries and the
+    caching policy."""
     task.set_accelerator_type(GPU_RESOURCE)
     task.set_accelerator_limit(gpus)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration(task, key=GPU_TOLERATION["key"], operator=GPU_TOLERATION["operator"],
                               effect=GPU_TOLERATION["effect"])
-    _size(task, SIZES[size])
+    _requests(task, SIZES[size].cpu if cpu is None else cpu, SIZES[size].memory if memory is None else memory)
+    _shm(task, SIZES[size])
+    # kfp 2.17 wires a task output used only in the resources into an enclosing dsl.If / ParallelFor only when
+    # the task registers it (kfp.kubernetes does the same for the node selector)
+    task.register_pipeline_channels([value for value in (gpus, cpu, memory) if isinstance(value, PipelineChannel)])
     with_secrets(task)
     retry(task, "gpu")
     caching(task, cache)
     if display_name:
         task.set_display_name(display_name)
     return task
+
+
+def train_task(task: PipelineTask, start: PipelineTask, *, cache: bool,
+               display_name: str | None = None) -> PipelineTask:
+    """A train task (train-base, train-captioner, pretrain, sft): a GPU task whose GPU count, CPU and memory
+    are the start task's `train_gpus`, `train_cpu` and `train_memory` outputs (no GPU and the "follow" size
+    when the recipe is multi-node and the task only follows its TrainJob), on the start task's node selector,
+    with the "train" size's /dev/shm."""
+    return gpu_task(task, start.outputs["train_gpus"], start.outputs["gpu_node_selector"], size="train",
+                    cache=cache, display_name=display_name, cpu=start.outputs["train_cpu"],
+                    memory=start.outputs["train_memory"])
 
 
 def cpu_task(task: PipelineTask, *, cache: bool, size: str = "cpu", teacher: bool = False, retries: bool = True,

@@ -27,15 +27,18 @@ from components import catalog
 from components.resources import IMAGE
 
 
-def component(*, reads: str, writes: str, gpu: bool = False, teacher: bool = False, needs: str = ""):
+def component(*, reads: str, writes: str, gpu: bool = False, teacher: bool = False, trainjob: bool = False,
+              needs: str = ""):
     """`@dsl.component` on the project image, without installing kfp (the image has it), with the
-    component's card (`components.catalog.Card`): what it reads, writes and needs, and its docstring's
-    placeholders expanded (`catalog.document`, `catalog.expand_embedded`)."""
+    component's card (`components.catalog.Card`): what it reads, writes and needs (`trainjob`: a train task,
+    whose resources are the start task's outputs), and its docstring's placeholders expanded
+    (`catalog.document`, `catalog.expand_embedded`)."""
 
     def wrap(fn):
         made = dsl.component(catalog.document(fn), base_image=IMAGE, install_kfp_package=False)
         return catalog.register(catalog.expand_embedded(made),
-                                catalog.Card(reads=reads, writes=writes, gpu=gpu, teacher=teacher, needs=needs))
+                                catalog.Card(reads=reads, writes=writes, gpu=gpu, teacher=teacher, trainjob=trainjob,
+                                             needs=needs))
 
     return wrap
 
@@ -44,38 +47,65 @@ def component(*, reads: str, writes: str, gpu: bool = False, teacher: bool = Fal
 
 
 @component(
-    reads="the pipeline parameters; MLflow (adopts the run KFP's MLflow plugin created, if any)",
+    reads="the pipeline parameters and their recipe (`profile` + `overrides`: memory plan, `compute.num_nodes`); "
+          "MLflow (adopts the run KFP's MLflow plugin created, if any)",
     writes="the pipeline's MLflow run: tags kfp.run_id, kfp.run_name, kfp.pipeline; params pipeline.<name>"
 )
 def start_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params: dict, overrides: list, experiment: str,
-              gpu_product: str) -> NamedTuple("Outputs", [("mlflow_run_id", str), ("gpu_node_selector", dict)]):
-    """Create the pipeline's MLflow run (KFP run id, parameters); the GPU node selector for GPU tasks.
+              gpu_product: str, train_size: dict, follow_size: dict) -> NamedTuple("Outputs", [
+                  ("mlflow_run_id", str), ("gpu_node_selector", dict), ("train_gpus", int), ("train_cpu", str),
+                  ("train_memory", str)]):
+    """Create the pipeline's MLflow run (KFP run id, parameters); the GPU node selector; the train tasks' resources.
 
     The first task of every pipeline (inside its ExitHandler): every later task's MLflow run nests under this
-    one, found by the KFP run id (`KFP_RUN_ID`, from the pod's `pipeline/runid` label).
+    one, found by the KFP run id (`KFP_RUN_ID`, from the pod's `pipeline/runid` label). It prints the training
+    stages' per-GPU memory plan and refuses one that cannot fit, before any GPU task is scheduled. A train task
+    (train-base, train-captioner, pretrain, sft) gets its GPUs, CPU and memory from this task's outputs: a
+    one-node recipe trains in the task's pod (`train_gpus` GPUs, `train_size`); a multi-node recipe
+    (`compute.num_nodes > 1`) trains as a Kubeflow Trainer TrainJob on its own nodes, which the task only
+    creates and follows (no GPU, `follow_size`).
 
     Args:
         pipeline: The pipeline's name, e.g. "sharegpt4v"; tagged `kfp.pipeline`.
         kfp_run_id: The KFP run's id (the `{{$.pipeline_job_uuid}}` placeholder); tagged `kfp.run_id`, how tasks find
             the run.
         kfp_run_name: The KFP run's name (the `{{$.pipeline_job_name}}` placeholder); the MLflow run's name.
-        params: The pipeline parameters to record as MLflow params `pipeline.<name>` (credentials in URLs redacted).
+        params: The pipeline parameters to record as MLflow params `pipeline.<name>` (credentials in URLs redacted);
+            its `profile` (with `overrides`) and `train_gpus` (count; 0 when absent) also decide the train tasks'
+            resources.
         overrides: The recipe overrides, recorded as one param `pipeline.overrides` (space-separated).
         experiment: MLflow experiment of the run, e.g. "sharegpt4v"; created when missing.
         gpu_product: The `nvidia.com/gpu.product` node label value GPU tasks must run on, e.g.
             "NVIDIA-A100-SXM4-80GB".
+        train_size: CPU and memory of a train task that trains in its own pod (a one-node recipe), as Kubernetes
+            quantities, e.g. {"cpu": "64", "memory": "800Gi"} (`components.resources.SIZES["train"]`, set at
+            compile time).
+        follow_size: CPU and memory of a train task that only creates and follows its TrainJob (a multi-node
+            recipe), as Kubernetes quantities, e.g. {"cpu": "1", "memory": "2Gi"}
+            (`components.resources.SIZES["follow"]`, set at compile time).
 
     Returns:
         mlflow_run_id: The pipeline's MLflow run id ("" when MLflow tracking is off: no `MLFLOW_TRACKING_URI`).
         gpu_node_selector: The node selector of the GPU tasks, {"nvidia.com/gpu.product": gpu_product}.
+        train_gpus: The `nvidia.com/gpu` limit of each train task (count): the pipeline's `train_gpus` for a
+            one-node recipe, e.g. 8; 0 for a multi-node one (its TrainJob has the recipe's `num_nodes x
+            gpus_per_node` GPUs).
+        train_cpu: The CPU request of each train task (Kubernetes quantity): `train_size`'s for a one-node recipe,
+            e.g. "64"; `follow_size`'s for a multi-node one, e.g. "1".
+        train_memory: The memory request and limit of each train task (Kubernetes quantity): `train_size`'s for a
+            one-node recipe, e.g. "800Gi"; `follow_size`'s for a multi-node one, e.g. "2Gi".
     """
     from sharegpt4v import stages as steps
     from sharegpt4v.cluster import GPU_PRODUCT_LABEL
 
     run_id = steps.start_pipeline_run(pipeline, kfp_run_id, kfp_run_name, {**params, "overrides": " ".join(overrides)},
                                       experiment)
-    outputs = NamedTuple("Outputs", [("mlflow_run_id", str), ("gpu_node_selector", dict)])
-    return outputs(run_id, {GPU_PRODUCT_LABEL: gpu_product})
+    train = steps.train_task_resources(str(params["profile"]), overrides, params.get("train_gpus"), train_size,
+                                       follow_size)
+    outputs = NamedTuple("Outputs", [("mlflow_run_id", str), ("gpu_node_selector", dict), ("train_gpus", int),
+                                     ("train_cpu", str), ("train_memory", str)])
+    return outputs(run_id, {GPU_PRODUCT_LABEL: gpu_product}, train["train_gpus"], train["train_cpu"],
+                   train["train_memory"])
 
 
 @component(
@@ -369,7 +399,8 @@ def foundations(dataset_uri: str, dataset_digest: str, out_root: str, profile: s
     reads="the dataset's images and brief captions of `split` (S3)",
     writes="checkpoints at `<out_root>/base-<key>` (S3); an MLflow run; the registered model sharegpt4v-base (alias "
            "candidate)",
-    gpu=True
+    gpu=True,
+    trainjob=True
 )
 def train_base(dataset_uri: str, dataset_digest: str, split: str, out_root: str, gpus: int, profile: str,
                overrides: list, metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str),
@@ -428,7 +459,8 @@ def given_model(model: str) -> NamedTuple("Outputs", [("model_uri", str)]):
           "registry for models:/)",
     writes="checkpoints at `<out_root>/captioner-<key>` (S3); an MLflow run; the registered model "
            "sharegpt4v-captioner (alias candidate)",
-    gpu=True
+    gpu=True,
+    trainjob=True
 )
 def train_captioner(dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str,
                     split: str, out_root: str, gpus: int, profile: str, overrides: list,
@@ -473,7 +505,8 @@ def train_captioner(dataset_uri: str, dataset_digest: str, captions: str, captio
     reads="the dataset's images of `split`, the corpus caption set and the `init` model, if any (S3)",
     writes="checkpoints at `<out_root>/pretrain-<key>` (S3); an MLflow run; the registered model "
            "sharegpt4v-pretrained (alias candidate)",
-    gpu=True
+    gpu=True,
+    trainjob=True
 )
 def pretrain(dataset_uri: str, dataset_digest: str, captions: str, captions_digest: str, init: str, split: str,
              out_root: str, gpus: int, profile: str, overrides: list,
@@ -518,7 +551,8 @@ def pretrain(dataset_uri: str, dataset_digest: str, captions: str, captions_dige
     reads="the dataset's SFT questions of `split` and the pretrained `init` model (S3)",
     writes="checkpoints at `<out_root>/sft-<key>` (S3); an MLflow run; the registered model sharegpt4v-chat (alias "
            "candidate)",
-    gpu=True
+    gpu=True,
+    trainjob=True
 )
 def sft(dataset_uri: str, dataset_digest: str, init: str, split: str, out_root: str, gpus: int, profile: str,
         overrides: list, metrics: Output[Metrics]) -> NamedTuple("Outputs", [("checkpoint_uri", str),

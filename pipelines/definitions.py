@@ -27,7 +27,7 @@ from kfp import dsl
 
 from components import catalog
 from components import stages as c
-from components.resources import cpu_task, gpu_task, light_task
+from components.resources import cpu_task, gpu_task, light_task, train_sizes, train_task
 from sharegpt4v.cluster import A100_PRODUCT, NAMESPACE
 
 DEFAULT_ROOT = "s3://sharegpt4v/pipeline"
@@ -37,12 +37,13 @@ DEFAULT_PROFILE = "a100-7b"
 @contextlib.contextmanager
 def tracked(pipeline: str, params: dict[str, Any], overrides: Any, experiment: Any, gpu_product: Any) -> Iterator[Any]:
     """ExitHandler + the pipeline's MLflow run; yields the start task (its `gpu_node_selector` output
-    is the node selector of the GPU tasks)."""
+    is the node selector of the GPU tasks; its `train_gpus`, `train_cpu` and `train_memory` outputs are
+    the train tasks' resources, from the recipe and `components.resources.SIZES`)."""
     finish = light_task(c.finish_run(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), display_name="mlflow: end run")
     with dsl.ExitHandler(finish, name=f"{pipeline}-run"):
         start = c.start_run(pipeline=pipeline, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                             kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, params=params, overrides=overrides,
-                            experiment=experiment, gpu_product=gpu_product)
+                            experiment=experiment, gpu_product=gpu_product, **train_sizes())
         light_task(start, display_name="mlflow: start run")
         yield start
 
@@ -72,26 +73,27 @@ def foundations_part(dataset_uri: Any, dataset_digest: Any, out_root: str, profi
 
 def captioner_part(dataset_uri: Any, dataset_digest: Any, out_root: str, seed_split: Any, base_split: Any,
                    captioner_base: Any, teacher_endpoint: Any, teacher_model: Any, teacher_budget_usd: Any, gpus: Any,
-                   selector: Any, profile: Any, overrides: Any) -> tuple[Any, Any]:
+                   start: Any, profile: Any, overrides: Any) -> tuple[Any, Any]:
     """(seed captions task, captioner task): the teacher's seed captions of `seed_split`, and the captioner
     fine-tuned on them from a pretrained LMM: `captioner_base`, or when it is empty an LMM pretrained here
-    on the brief captions of `base_split` (LLaVA-1.5's stage; Share-Captioner starts from a pretrained LMM)."""
+    on the brief captions of `base_split` (LLaVA-1.5's stage; Share-Captioner starts from a pretrained LMM).
+    The train tasks' resources are the start task's outputs (`train_task`)."""
     seed = cpu_task(c.seed_captions(dataset_uri=dataset_uri, out_root=f"{out_root}/captions", split=seed_split,
                                     teacher_endpoint=teacher_endpoint, teacher_model=teacher_model,
                                     budget_usd=teacher_budget_usd, profile=profile, overrides=overrides),
                     cache=False, teacher=True, display_name="seed captions (teacher)")
     with dsl.If(captioner_base == "", name="pretrain-base"):
-        base = gpu_task(c.train_base(dataset_uri=dataset_uri, dataset_digest=dataset_digest, split=base_split,
-                                     out_root=f"{out_root}/models", gpus=gpus, profile=profile, overrides=overrides),
-                        gpus, selector, size="train", cache=True, display_name="pretrain base (brief captions)")
+        base = train_task(c.train_base(dataset_uri=dataset_uri, dataset_digest=dataset_digest, split=base_split,
+                                       out_root=f"{out_root}/models", gpus=gpus, profile=profile, overrides=overrides),
+                          start, cache=True, display_name="pretrain base (brief captions)")
     with dsl.Else(name="given-base"):
         given = light_task(c.given_model(model=captioner_base), display_name="captioner base")
     init = dsl.OneOf(base.outputs["model_uri"], given.outputs["model_uri"])
-    captioner = gpu_task(c.train_captioner(dataset_uri=dataset_uri, dataset_digest=dataset_digest,
-                                           captions=seed.outputs["uri"], captions_digest=seed.outputs["digest"],
-                                           init=init, split=seed_split, out_root=f"{out_root}/models", gpus=gpus,
-                                           profile=profile, overrides=overrides),
-                         gpus, selector, size="train", cache=True, display_name="train captioner")
+    captioner = train_task(c.train_captioner(dataset_uri=dataset_uri, dataset_digest=dataset_digest,
+                                             captions=seed.outputs["uri"], captions_digest=seed.outputs["digest"],
+                                             init=init, split=seed_split, out_root=f"{out_root}/models", gpus=gpus,
+                                             profile=profile, overrides=overrides),
+                           start, cache=True, display_name="train captioner")
     return seed, captioner
 
 
@@ -110,18 +112,20 @@ def caption_corpus_part(dataset_uri: Any, dataset_digest: Any, model: Any, refer
 
 
 def lmm_part(dataset_uri: Any, dataset_digest: Any, captions: Any, captions_digest: Any, base_model: Any,
-             corpus_split: Any, sft_split: Any, out_root: str, train_gpus: Any, eval_gpus: Any, selector: Any,
+             corpus_split: Any, sft_split: Any, out_root: str, train_gpus: Any, eval_gpus: Any, start: Any,
              metric: Any, threshold: Any, profile: Any, overrides: Any) -> tuple[Any, Any]:
     """(SFT task, evaluation task): pretraining on the captioned corpus, SFT, evaluation, and the
-    champion alias when the score clears the threshold."""
-    pt = gpu_task(c.pretrain(dataset_uri=dataset_uri, dataset_digest=dataset_digest, captions=captions,
-                             captions_digest=captions_digest, init=base_model, split=corpus_split,
-                             out_root=f"{out_root}/models", gpus=train_gpus, profile=profile, overrides=overrides),
-                  train_gpus, selector, size="train", cache=True, display_name="pretrain")
-    tuned = gpu_task(c.sft(dataset_uri=dataset_uri, dataset_digest=dataset_digest, init=pt.outputs["model_uri"],
-                           split=sft_split, out_root=f"{out_root}/models", gpus=train_gpus, profile=profile,
-                           overrides=overrides),
-                     train_gpus, selector, size="train", cache=True, display_name="sft")
+    champion alias when the score clears the threshold. The train tasks' resources are the start task's
+    outputs (`train_task`); evaluation runs in its pod on `eval_gpus` whatever the recipe."""
+    pt = train_task(c.pretrain(dataset_uri=dataset_uri, dataset_digest=dataset_digest, captions=captions,
+                               captions_digest=captions_digest, init=base_model, split=corpus_split,
+                               out_root=f"{out_root}/models", gpus=train_gpus, profile=profile, overrides=overrides),
+                    start, cache=True, display_name="pretrain")
+    tuned = train_task(c.sft(dataset_uri=dataset_uri, dataset_digest=dataset_digest, init=pt.outputs["model_uri"],
+                             split=sft_split, out_root=f"{out_root}/models", gpus=train_gpus, profile=profile,
+                             overrides=overrides),
+                       start, cache=True, display_name="sft")
+    selector = start.outputs["gpu_node_selector"]
     ev = gpu_task(c.evaluate(model=tuned.outputs["model_uri"], model_digest=tuned.outputs["digest"],
                              dataset_uri=dataset_uri, out_root=f"{out_root}/eval", metric=metric, gpus=eval_gpus,
                              profile=profile, overrides=overrides),
@@ -237,12 +241,12 @@ def sharegpt4v(
         recipe = foundations_part(dataset_uri, dataset_digest, output_root, profile, overrides).outputs["Output"]
         seed, captioner = captioner_part(dataset_uri, dataset_digest, output_root, seed_split, corpus_split,
                                          captioner_base, teacher_endpoint, teacher_model, teacher_budget_usd,
-                                         train_gpus, selector, profile, recipe)
+                                         train_gpus, start, profile, recipe)
         merged = caption_corpus_part(dataset_uri, dataset_digest, captioner.outputs["model_uri"], seed.outputs["uri"],
                                      output_root, corpus_split, shard_groups, caption_gpus, selector, profile,
                                      recipe)
         tuned, ev = lmm_part(dataset_uri, dataset_digest, merged.outputs["uri"], merged.outputs["digest"], base_model,
-                             corpus_split, sft_split, output_root, train_gpus, eval_gpus, selector, champion_metric,
+                             corpus_split, sft_split, output_root, train_gpus, eval_gpus, start, champion_metric,
                              champion_threshold, profile, recipe)
         score = light_task(c.champion_score(results=ev.outputs["results"], metric=champion_metric),
                            display_name="champion metric")
@@ -336,8 +340,7 @@ def train_captioner(
         info = light_task(c.dataset_digest(uri=dataset_uri), display_name="dataset digest")
         recipe = foundations_part(dataset_uri, info.output, output_root, profile, overrides).outputs["Output"]
         captioner_part(dataset_uri, info.output, output_root, seed_split, base_split, captioner_base,
-                       teacher_endpoint, teacher_model, teacher_budget_usd, train_gpus,
-                       start.outputs["gpu_node_selector"], profile, recipe)
+                       teacher_endpoint, teacher_model, teacher_budget_usd, train_gpus, start, profile, recipe)
 
 
 @dsl.pipeline(name="train-lmm")
@@ -387,8 +390,8 @@ def train_lmm(
         caps = light_task(c.dataset_digest(uri=captions), display_name="captions digest")
         recipe = foundations_part(dataset_uri, data.output, output_root, profile, overrides).outputs["Output"]
         tuned, ev = lmm_part(dataset_uri, data.output, captions, caps.output, base_model, corpus_split, sft_split,
-                             output_root, train_gpus, eval_gpus, start.outputs["gpu_node_selector"], champion_metric,
-                             champion_threshold, profile, recipe)
+                             output_root, train_gpus, eval_gpus, start, champion_metric, champion_threshold, profile,
+                             recipe)
         score = light_task(c.champion_score(results=ev.outputs["results"], metric=champion_metric),
                            display_name="champion metric")
         with dsl.If(score.output >= champion_threshold, name="score-clears-threshold"):

@@ -127,7 +127,7 @@ def start_pipeline_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params
     """
     if params.get("profile"):
         check_training_plan(str(params["profile"]), str(params.get("overrides") or "").split(),
-                            int(params.get("train_gpus") or 0))
+                            gpu_count(params.get("train_gpus")))
     if not tracking.tracking_enabled():
         return ""
     client = _client()
@@ -149,6 +149,15 @@ def start_pipeline_run(pipeline: str, kfp_run_id: str, kfp_run_name: str, params
     return run_id
 
 
+def gpu_count(value: Any) -> int:
+    """A GPU count as a pipeline parameter reaches a task inside a dict (`params`): 8, 8.0, "8" or "8.0" (kfp's
+    local runner renders an integer parameter in a dict as the text of a float); None or "" is 0."""
+    number = float(value or 0)
+    if not number.is_integer() or number < 0:
+        raise ValueError(f"{value!r} is not a GPU count")
+    return int(number)
+
+
 def check_training_plan(profile: str, overrides: list[str], train_gpus: int = 0) -> list[Any]:
     """Print each training stage's per-GPU memory; refuse (one line) a plan that cannot fit.
 
@@ -164,6 +173,20 @@ def check_training_plan(profile: str, overrides: list[str], train_gpus: int = 0)
         recipe = recipe_from_dict(data)
     print(format_plan(memory_plan(recipe), recipe.compute.device), end="", flush=True)
     return check_memory_fit(recipe)
+
+
+def train_task_resources(profile: str, overrides: list[str] | None, train_gpus: Any, train_size: dict[str, str],
+                         follow_size: dict[str, str]) -> dict[str, Any]:
+    """What a train task's pod asks for: {"train_gpus": GPU count, "train_cpu": CPU, "train_memory": memory}.
+
+    A one-node recipe trains in the task's pod: `train_gpus` GPUs and `train_size` ({"cpu": "64", "memory":
+    "800Gi"}). A multi-node recipe (`compute.num_nodes > 1`) trains as a TrainJob on its own `num_nodes x
+    gpus_per_node` GPUs and the task's pod only creates and follows it (`train`): no GPU and `follow_size`, so
+    the waiting pod holds nothing the TrainJob needs."""
+    multi_node = recipe_of(profile, overrides).compute.num_nodes > 1
+    size = follow_size if multi_node else train_size
+    return {"train_gpus": 0 if multi_node else gpu_count(train_gpus), "train_cpu": str(size["cpu"]),
+            "train_memory": str(size["memory"])}
 
 
 def finish_pipeline_run(kfp_run_id: str, state: str, error: str = "") -> str:

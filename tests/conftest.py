@@ -59,9 +59,14 @@ def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def mlflow_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """MLflow on a sqlite file, switched on for this test through the environment."""
+def mlflow_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """MLflow on a sqlite file, switched on for this test through the environment (and for mlflow's own
+    in-process API, whose global URI an earlier test may have pointed at its own database)."""
+    import mlflow
+
     service = services.start_mlflow(tmp_path / "mlflow")
     for key, value in service.env.items():
         monkeypatch.setenv(key, value)
-    return service.tracking_uri
+    mlflow.set_tracking_uri(service.tracking_uri)
+    yield service.tracking_uri
+    mlflow.set_tracking_uri("")

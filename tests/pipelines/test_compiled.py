@@ -81,9 +81,11 @@ def test_every_gpu_task_asks_for_a100_gpus_with_toleration_shm_and_secrets(name:
     for task_name, (label, resources) in gpu.items():
         accelerator = resources["accelerator"]
         assert accelerator["resourceType"] == GPU_RESOURCE
-        channel = accelerator["resourceCount"]  # a pipeline parameter, not a constant
+        channel = accelerator["resourceCount"]  # a pipeline parameter or the start task's output, not a constant
         assert channel.startswith("{{$.inputs.parameters['pipelinechannel--") and channel.endswith("_gpus']}}")
-        assert float(resources["resourceCpuRequest"]) >= 8 and resources["resourceMemoryRequest"].endswith("Gi")
+        # CPU and memory: fixed, or for a train task the start task's outputs (test_train_tasks_take_...)
+        assert task_name in TRAIN_TASKS or (float(resources["resourceCpuRequest"]) >= 8
+                                            and resources["resourceMemoryRequest"].endswith("Gi"))
         k8s = platform[label]
         selector = k8s["nodeSelector"]["nodeSelectorJson"]  # {gpu.product: <gpu_product>} from the start task
         assert (selector.get("taskOutputParameter", {}).get("producerTask") == "start-run"
@@ -96,12 +98,112 @@ def test_every_gpu_task_asks_for_a100_gpus_with_toleration_shm_and_secrets(name:
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"} <= envs
         assert task_name in {t for t, (_, s) in tasks(spec).items() if s.get("retryPolicy", {}).get("maxRetryCount")}
     # the selector the GPU tasks get: what the start task returns for the gpu_product parameter
+    from components.resources import train_sizes
     from components.stages import start_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    outputs = start_run.python_func(pipeline=name, kfp_run_id="r", kfp_run_name="n", params={}, overrides=[],
-                                    experiment="e", gpu_product=root_params["gpu_product"]["defaultValue"])
+    outputs = start_run.python_func(pipeline=name, kfp_run_id="r", kfp_run_name="n", params={"profile": "tiny"},
+                                    overrides=[], experiment="e", gpu_product=root_params["gpu_product"]["defaultValue"],
+                                    **train_sizes())
     assert outputs.gpu_node_selector == {GPU_PRODUCT_LABEL: A100_PRODUCT}
+
+
+# the train tasks' resources: from the start task, which knows whether the recipe trains in the pod ----------------
+
+TRAIN_TASKS = {"train-base", "train-captioner", "pretrain", "sft"}
+START_OUTPUTS = {"accelerator": "train_gpus", "resourceCpuRequest": "train_cpu",
+                 "resourceMemoryRequest": "train_memory", "resourceMemoryLimit": "train_memory"}
+
+
+def source(spec: dict[str, Any], graph: str, task: dict[str, Any], key: str) -> dict[str, Any]:
+    """Where input `key` of `task` (in DAG component `graph`) comes from, followed up through the enclosing DAGs
+    (ExitHandler, If, ParallelFor) to a task output or a pipeline parameter: {"task": ..., "output": ...} or
+    {"parameter": ...}."""
+    wiring = task["inputs"]["parameters"][key]
+    if "taskOutputParameter" in wiring:
+        found = wiring["taskOutputParameter"]
+        return {"task": found["producerTask"], "output": found["outputParameterKey"]}
+    name = wiring["componentInputParameter"]
+    if graph == "root":
+        return {"parameter": name}
+    [(parent, outer)] = [(g, t) for g, t in tasks(spec).values() if t["componentRef"]["name"] == graph]
+    return source(spec, parent, outer, name)
+
+
+def placeholder_input(value: str) -> str:
+    match = re.fullmatch(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", value)
+    assert match, value
+    return match.group(1)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_train_tasks_take_gpus_cpu_and_memory_from_the_start_task(name: str) -> None:
+    spec, platform = load(name)
+    everything = tasks(spec)
+    executors = spec["deploymentSpec"]["executors"]
+    trains = {n for n in everything if n in TRAIN_TASKS}
+    assert trains == GPU_TASKS[name] & TRAIN_TASKS
+    for task_name, (graph, task) in everything.items():
+        label = executor(spec, task)
+        if label is None or task_name not in GPU_TASKS[name]:
+            continue
+        resources = executors[label]["container"]["resources"]
+        values = {"accelerator": resources["accelerator"]["resourceCount"],
+                  **{key: resources[key] for key in START_OUTPUTS if key != "accelerator"}}
+        origins = {key: source(spec, graph, task, placeholder_input(value)) for key, value in values.items()
+                   if value.startswith("{{")}
+        if task_name in TRAIN_TASKS:
+            # count, CPU and memory: placeholders filled in from the start task's outputs (through If DAGs)
+            assert origins == {key: {"task": "start-run", "output": output} for key, output in START_OUTPUTS.items()}, \
+                (task_name, origins)
+            assert resources["accelerator"]["resourceType"] == GPU_RESOURCE
+            assert {"mountPath": "/dev/shm", "medium": "Memory"}.items() <= platform[label]["emptyDirMounts"][0].items()
+        else:
+            # captioning and evaluation run in their pod whatever the recipe: a GPU-count parameter, fixed sizes
+            gpus = {"caption-shard-group": "caption_gpus", "evaluate": "eval_gpus"}[task_name]
+            assert origins == {"accelerator": {"parameter": gpus}}, (task_name, origins)
+            assert float(resources["resourceCpuRequest"]) >= 8 and resources["resourceMemoryRequest"].endswith("Gi")
+    # the sizes the start task chooses between are components.resources.SIZES, compiled in as its inputs
+    from components.resources import SIZES
+
+    start = everything["start-run"][1]["inputs"]["parameters"]
+    for size in ("train", "follow"):
+        assert start[f"{size}_size"]["runtimeValue"]["constant"] == {"cpu": SIZES[size].cpu, "memory": SIZES[size].memory}
+
+
+def test_the_start_task_gives_a_multi_node_recipes_train_tasks_no_gpu(monkeypatch) -> None:
+    from components.resources import SIZES, train_sizes
+    from components.stages import start_run
+    from sharegpt4v.stages import train_task_resources
+
+    train = {"cpu": SIZES["train"].cpu, "memory": SIZES["train"].memory}
+    follow = {"cpu": SIZES["follow"].cpu, "memory": SIZES["follow"].memory}
+    assert (train, follow) == (train_sizes()["train_size"], train_sizes()["follow_size"])
+    assert follow == {"cpu": "1", "memory": "2Gi"} and train == {"cpu": "64", "memory": "800Gi"}
+    # a100-7b: 2 nodes x 8 GPUs, a TrainJob the task only follows: no GPU, the follow size
+    assert train_task_resources("a100-7b", [], 8, train, follow) == {"train_gpus": 0, "train_cpu": "1",
+                                                                    "train_memory": "2Gi"}
+    assert train_task_resources("a100-7b", ["compute.gpus_per_node=4"], 4, train, follow)["train_gpus"] == 0
+    # one node: trains in the task's pod on train_gpus GPUs with the train size
+    assert train_task_resources("a100-7b", ["compute.num_nodes=1"], 8, train, follow) == {
+        "train_gpus": 8, "train_cpu": "64", "train_memory": "800Gi"}
+    assert train_task_resources("tiny", [], 1, train, follow) == {"train_gpus": 1, "train_cpu": "64",
+                                                                 "train_memory": "800Gi"}
+    # the component: the same, from the pipeline parameters it records (profile, train_gpus) and its overrides
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def start(profile: str, overrides: list[str], **params: Any) -> Any:
+        return start_run.python_func(pipeline="sharegpt4v", kfp_run_id="r", kfp_run_name="n",
+                                     params={"profile": profile, **params}, overrides=overrides, experiment="e",
+                                     gpu_product=A100_PRODUCT, **train_sizes())
+
+    multi = start("a100-7b", [], train_gpus=8)
+    assert (multi.train_gpus, multi.train_cpu, multi.train_memory) == (0, "1", "2Gi")
+    one = start("a100-7b", ["compute.num_nodes=1"], train_gpus=8)
+    assert (one.train_gpus, one.train_cpu, one.train_memory) == (8, "64", "800Gi")
+    assert start("tiny", [], train_gpus=1).train_gpus == 1
+    assert start("tiny", [], train_gpus="1.0").train_gpus == 1  # an integer parameter inside a dict, as kfp.local passes it
+    assert start("tiny", []).train_gpus == 0  # caption-corpus has no train_gpus (and no train task)
 
 
 @pytest.mark.parametrize("name", ["sharegpt4v", "caption-corpus"])
@@ -361,7 +463,7 @@ def test_component_reference_is_generated_from_the_components_and_checked(tmp_pa
 def test_cards_agree_with_what_the_pipelines_give_each_task(monkeypatch) -> None:
     from dataclasses import replace
 
-    from components import catalog
+    from components import catalog, stages  # noqa: F401  (importing stages registers the cards)
 
     compiled = runner.load_compiled({name: runner.COMPILED_DIR / f"{name}.yaml" for name in PIPELINES})
     assert catalog.check_cards(compiled) == []
@@ -370,3 +472,10 @@ def test_cards_agree_with_what_the_pipelines_give_each_task(monkeypatch) -> None
     problems = catalog.check_cards(compiled)
     assert any("train-captioner" in p and "declares gpu=False" in p for p in problems)
     assert any("declares Secrets" in p and TEACHER_SECRET in p for p in problems)
+    # a train task's card says its resources come from the start task; an evaluation's does not
+    for name, trainjob in (("pretrain", False), ("evaluate", True)):
+        component, card = catalog.CATALOG[name]
+        monkeypatch.setitem(catalog.CATALOG, name, (component, replace(card, trainjob=trainjob)))
+    problems = catalog.check_cards(compiled)
+    assert any("task 'pretrain'" in p and "does not declare trainjob=True" in p for p in problems), problems
+    assert any("task 'evaluate'" in p and "declares trainjob=True" in p and "eval_gpus" in p for p in problems)
