@@ -204,7 +204,7 @@ def test_each_triton_service_runs_the_openai_api_as_its_transformer(profile: str
 
 
 def test_the_openai_api_reaches_triton_at_the_predictor_host() -> None:
-    from sharegpt4v.serving.openai_frontend import triton_base_url
+    from sharegpt4v.serving.triton_http import triton_base_url
 
     assert triton_base_url("sharegpt4v-chat-predictor.sharegpt4v") == "http://sharegpt4v-chat-predictor.sharegpt4v"
     assert triton_base_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"

@@ -42,7 +42,8 @@ from sharegpt4v.config import WorldConfig, load_recipe
 from sharegpt4v.data.shards import open_dataset, sample_image, sample_meta
 from sharegpt4v.serving import client
 from sharegpt4v.serving.export import export_model_repository
-from sharegpt4v.serving.openai_frontend import BLANK_RGB, blank_image_base64, create_app, url_allowed
+from sharegpt4v.serving.image_fetch import BLANK_RGB, blank_image_base64, url_allowed
+from sharegpt4v.serving.openai_frontend import create_app
 from sharegpt4v.serving.triton import LocalTriton, start_triton
 from sharegpt4v.training.data import StageInputs
 from sharegpt4v.training.run import launch
