@@ -27,7 +27,9 @@ from bench.common import print_table  # noqa: E402
 from sharegpt4v.config import WorldConfig, load_recipe  # noqa: E402
 from sharegpt4v.training.data import Position, StageInputs, build_index, iter_batches  # noqa: E402
 from sharegpt4v.training.flops import flops_per_sample, peak_flops  # noqa: E402
-from sharegpt4v.training.trainer import apply_freezing, initial_model, make_optimizer, train_stage  # noqa: E402
+from sharegpt4v.training.freezing import apply_freezing  # noqa: E402
+from sharegpt4v.training.optimizer import make_optimizer  # noqa: E402
+from sharegpt4v.training.trainer import initial_model, train_stage  # noqa: E402
 from sharegpt4v.world.generate import generate_world  # noqa: E402
 
 

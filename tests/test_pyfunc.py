@@ -106,7 +106,7 @@ def test_the_captioner_captions_without_a_prompt(checkpoint: str, mlflow_sqlite:
 
 
 def test_training_runs_record_system_metrics(mlflow_sqlite: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sharegpt4v.training.trainer import _tracking_run
+    from sharegpt4v.training.tracking_hooks import _tracking_run
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     with _tracking_run(0, "sft", {"stage": "sft"}, {}, None) as run:

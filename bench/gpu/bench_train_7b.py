@@ -104,7 +104,7 @@ def bare_loop(recipe, world: str, checkpoint: str, steps: int, skip: int) -> tup
     """(steps/s or None when it cannot fit one GPU, mean tokens per sample, note)."""
     from sharegpt4v.modeling.builder import load_model
     from sharegpt4v.training.data import Position, StageInputs, build_index, iter_batches
-    from sharegpt4v.training.trainer import apply_freezing
+    from sharegpt4v.training.freezing import apply_freezing
 
     stage = recipe.pretrain
     index = build_index("pretrain", stage, StageInputs([world]), recipe.seed)

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from sharegpt4v.environment import patched_environ
 from sharegpt4v.training.data import StageInputs
-from sharegpt4v.training.trainer import STAGES, StageResult, dist_env, free_port, single_process_env, train_stage
+from sharegpt4v.training.distributed import dist_env, free_port, single_process_env
+from sharegpt4v.training.trainer import STAGES, StageResult, train_stage
 
 if TYPE_CHECKING:
     from sharegpt4v.config import RecipeConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sharegpt4v.config import load_recipe
-from sharegpt4v.training.trainer import deepspeed_config
+from sharegpt4v.training.engine import deepspeed_config
 
 
 def validate(config: dict, world_size: int, monkeypatch: pytest.MonkeyPatch):

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_parameter_counts_are_the_built_models() -> None:
-    from sharegpt4v.training.trainer import apply_freezing
+    from sharegpt4v.training.freezing import apply_freezing
     from tests.modeling.fixtures import tiny_model
 
     model, _ = tiny_model()

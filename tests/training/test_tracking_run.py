@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from sharegpt4v import tracking
 from sharegpt4v.errors import PlatformError
 from sharegpt4v.services import free_port
-from sharegpt4v.training.trainer import _tracking_run
+from sharegpt4v.training.tracking_hooks import _tracking_run
 
 
 def _checkpoint_run(client: MlflowClient) -> str:

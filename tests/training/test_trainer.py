@@ -20,8 +20,10 @@ from sharegpt4v.modeling.builder import load_model
 from sharegpt4v.provenance import OutputMismatch
 from sharegpt4v.training.checkpoint import latest_checkpoint, list_checkpoints
 from sharegpt4v.training.data import StageInputs, build_index, iter_examples
+from sharegpt4v.training.freezing import vision_layers
+from sharegpt4v.training.optimizer import lr_factor, total_steps
 from sharegpt4v.training.run import launch
-from sharegpt4v.training.trainer import lr_factor, total_steps, train_stage, vision_layers
+from sharegpt4v.training.trainer import train_stage
 from sharegpt4v.world.generate import generate_world
 from tests.training.conftest import trace_records
 

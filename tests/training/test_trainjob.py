@@ -380,8 +380,8 @@ def test_a_two_node_profile_compiles_and_its_train_task_runs_as_a_trainjob(in_po
     prefix, and the task answers what an in-pod run answers."""
     from pipelines import runner
     from sharegpt4v.environment import patched_environ
+    from sharegpt4v.training.distributed import single_process_env
     from sharegpt4v.training.run import main as run_main
-    from sharegpt4v.training.trainer import single_process_env
 
     kube = in_pod
     compiled = runner.compile_pipeline("train-lmm", tmp_path / "train-lmm.yaml")
