@@ -49,6 +49,7 @@ from sharegpt4v.training.data import StageInputs
 from sharegpt4v.training.run import launch
 from sharegpt4v.world.generate import generate_world
 from tests.conftest import TEST_BUCKET
+from tests.json_http import JsonHandler
 from tests.modeling.fixtures import world
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -363,28 +364,17 @@ class FakeTriton(http.server.ThreadingHTTPServer):
         seen: list[str] = []
         self.seen = seen
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _send(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 if self.path == "/v2/models/chat/config":
-                    self._send(200, {"name": "chat", "parameters": {"task": {"string_value": "chat"}}})
+                    self._reply(200, {"name": "chat", "parameters": {"task": {"string_value": "chat"}}})
                 else:
-                    self._send(400, {"error": f"Request for unknown model: '{self.path}' is not found"})
+                    self._reply(400, {"error": f"Request for unknown model: '{self.path}' is not found"})
 
             def do_POST(self) -> None:
                 request_id = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["id"]
                 seen.append(request_id)
-                self._send(500, {"error": f"internal error (request id {request_id}); see the server log"})
-
-            def log_message(self, *args: Any) -> None:
-                pass
+                self._reply(500, {"error": f"internal error (request id {request_id}); see the server log"})
 
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
