@@ -163,14 +163,12 @@ def check_training_plan(profile: str, overrides: list[str], train_gpus: int = 0)
 
     `train_gpus`: the processes a one-node train task launches in its pod; a multi-node recipe trains as a
     TrainJob on its own `num_nodes x gpus_per_node` GPUs, so its plan is the recipe's."""
-    from sharegpt4v.config import recipe_from_dict
     from sharegpt4v.training.memory import check_memory_fit, format_plan, memory_plan
+    from sharegpt4v.training.run import on_one_node
 
     recipe = recipe_of(profile, overrides)
-    if train_gpus and recipe.compute.num_nodes == 1 and recipe.compute.world_size != train_gpus:  # as launch does
-        data = recipe.to_dict()
-        data["compute"].update(num_nodes=1, gpus_per_node=train_gpus)
-        recipe = recipe_from_dict(data)
+    if train_gpus and recipe.compute.num_nodes == 1:  # the pod's processes, as launch runs them
+        recipe = on_one_node(recipe, train_gpus)
     print(format_plan(memory_plan(recipe), recipe.compute.device), end="", flush=True)
     return check_memory_fit(recipe)
 

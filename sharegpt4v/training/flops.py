@@ -44,8 +44,7 @@ def flops_per_sample(recipe: Any, stage: str, tokens: float) -> float:
     projector = image_tokens * (6 if s.train_projector else (4 if vision_trains else 2)) * counts["projector"]
     patches = (v.image_size // v.patch_size) ** 2 + 1
     layer = vision_layer_parameters(v.hidden_size, v.intermediate_size)
-    used = v.num_layers + v.feature_layer + 1 if v.feature_layer < 0 else v.feature_layer
-    trained = counts["trainable_vision_layers"]
+    used, trained = counts["used_vision_layers"], counts["trainable_vision_layers"]
     # layers below the first trained one: forward only; trained layers: forward + both gradients
     vision = patches * layer * (2 * (used - trained) + 6 * trained)
     return float(llm + projector + vision)

@@ -61,7 +61,8 @@ def parameter_counts(recipe: Any, stage: str) -> dict[str, int]:
     trainable = (language if s.train_llm else 0) + (projector if s.train_projector else 0) \
         + trainable_vision_layers * vision_layer
     return {"vision": vision, "projector": projector, "language": language, "total": vision + projector + language,
-            "trainable": trainable, "trainable_vision_layers": trainable_vision_layers}
+            "trainable": trainable, "used_vision_layers": used_vision_layers,
+            "trainable_vision_layers": trainable_vision_layers}
 
 
 @dataclass(frozen=True)

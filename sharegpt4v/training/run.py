@@ -82,6 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def on_one_node(recipe: "RecipeConfig", nproc: int) -> "RecipeConfig":
+    """The recipe as `nproc` processes on one node run it (`compute.num_nodes=1`, `gpus_per_node=nproc`)."""
+    from sharegpt4v.config import recipe_from_dict
+
+    if recipe.compute.world_size == nproc:
+        return recipe
+    data = recipe.to_dict()
+    data["compute"].update(num_nodes=1, gpus_per_node=nproc)
+    return recipe_from_dict(data)
+
+
 def launch(stage: str, recipe: "RecipeConfig", inputs: StageInputs | dict[str, Any] | str, out: str,
            init: str | None = None, nproc: int = 1, resume: bool = True, env: dict[str, str] | None = None,
            trace: str | None = None, timeout: float | None = None) -> StageResult:
@@ -91,12 +102,7 @@ def launch(stage: str, recipe: "RecipeConfig", inputs: StageInputs | dict[str, A
     the call (DeepSpeed then does not look for MPI). N processes: torchrun on 127.0.0.1 with a
     free port; the recipe goes to the children as YAML, with `compute.gpus_per_node = nproc`.
     """
-    from sharegpt4v.config import recipe_from_dict
-
-    if recipe.compute.world_size != nproc:
-        data = recipe.to_dict()
-        data["compute"].update(num_nodes=1, gpus_per_node=nproc)
-        recipe = recipe_from_dict(data)
+    recipe = on_one_node(recipe, nproc)
     if not isinstance(inputs, StageInputs):
         inputs = StageInputs(**inputs) if isinstance(inputs, dict) else StageInputs([inputs])
     if nproc == 1:

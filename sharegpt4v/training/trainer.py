@@ -110,7 +110,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _as_inputs(inputs: Any) -> StageInputs:
+def as_stage_inputs(inputs: Any) -> StageInputs:
     if isinstance(inputs, StageInputs):
         return inputs
     if isinstance(inputs, str):
@@ -150,7 +150,7 @@ def train_stage(stage: str, recipe: "RecipeConfig", inputs: Any, out: str, init:
     if stage not in STAGES:
         raise ValueError(f"stage: unknown {stage!r} (known: {', '.join(STAGES)})")
     s: StageConfig = getattr(recipe, stage)
-    inputs = _as_inputs(inputs)
+    inputs = as_stage_inputs(inputs)
     rank, world, local_rank = dist_env()
     if world != recipe.compute.world_size:
         raise ValueError(
@@ -187,7 +187,7 @@ def train_stage(stage: str, recipe: "RecipeConfig", inputs: Any, out: str, init:
             os.environ.pop(key, None)
 
 
-def _finished(out: str, stage: str, made_from: dict[str, Any]) -> StageResult | None:
+def finished_result(out: str, stage: str, made_from: dict[str, Any]) -> StageResult | None:
     from sharegpt4v import storage
 
     store = storage.open_store(out)
@@ -213,7 +213,7 @@ def _train(stage: str, recipe: "RecipeConfig", s: "StageConfig", inputs: StageIn
     store = storage.open_store(out)
     made_from = ckpt.stage_made_from(stage, recipe, inputs, init)
     if resume:
-        done = _finished(out, stage, made_from)
+        done = finished_result(out, stage, made_from)
         if done is not None:
             log.info("%s: %s is complete (%d steps); nothing to do", stage, done.checkpoint_uri, done.steps)
             return done

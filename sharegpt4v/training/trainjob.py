@@ -130,9 +130,9 @@ def render(stage: str, recipe: "RecipeConfig", inputs: Any, out: str, init: str 
            env: dict[str, str] | None = None) -> dict[str, Any]:
     """The TrainJob `run_trainjob` creates for this stage and prefix (named, labelled and annotated)."""
     from sharegpt4v.config import available_profiles
-    from sharegpt4v.training.trainer import _as_inputs
+    from sharegpt4v.training.trainer import as_stage_inputs
 
-    inputs = _as_inputs(inputs)
+    inputs = as_stage_inputs(inputs)
     profile = profile or recipe.profile
     if profile not in available_profiles():  # the job's pods load the recipe by name from the image
         raise TrainJobError(f"profile {profile!r}: a multi-node TrainJob loads its recipe from the image, so it needs "
@@ -426,9 +426,9 @@ def _deleted_on_stop(kube: _Kube, name: str, log: Callable[[str], None]) -> Iter
 
 
 def _result(out: str, stage: str, made_from: dict[str, Any]) -> "StageResult | None":
-    from sharegpt4v.training.trainer import _finished
+    from sharegpt4v.training.trainer import finished_result
 
-    return _finished(out, stage, made_from)
+    return finished_result(out, stage, made_from)
 
 
 def _own_image(kube: _Kube) -> str | None:
@@ -459,9 +459,9 @@ def run_trainjob(stage: str, recipe: "RecipeConfig", inputs: Any, out: str, init
     """
     from sharegpt4v import tracking
     from sharegpt4v.training.checkpoint import stage_made_from
-    from sharegpt4v.training.trainer import _as_inputs
+    from sharegpt4v.training.trainer import as_stage_inputs
 
-    inputs = _as_inputs(inputs)
+    inputs = as_stage_inputs(inputs)
     made_from = stage_made_from(stage, recipe, inputs, init)
     done = _result(out, stage, made_from)
     if done is not None:

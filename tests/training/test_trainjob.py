@@ -18,7 +18,7 @@ from sharegpt4v import stages as steps
 from sharegpt4v.config import load_recipe
 from sharegpt4v.training import trainjob
 from sharegpt4v.training.data import StageInputs
-from sharegpt4v.training.trainer import StageResult, _finished
+from sharegpt4v.training.trainer import StageResult, finished_result
 from sharegpt4v.training.trainjob import (
     OUT_ANNOTATION,
     RUN_LABEL,
@@ -165,7 +165,7 @@ def test_success_streams_transitions_and_rank0_logs_and_returns_the_stage_result
 
     from sharegpt4v.training.checkpoint import stage_made_from
 
-    assert result == _finished(out, "pretrain", stage_made_from("pretrain", RECIPE, inputs, None))  # as in-pod
+    assert result == finished_result(out, "pretrain", stage_made_from("pretrain", RECIPE, inputs, None))  # as in-pod
     assert (result.steps, result.final_loss, result.samples_seen, result.flagged_samples) == (7, 1.25, 224, 1)
     assert result.checkpoint_uri == storage.join(out, "final")
     path = job_path("pretrain", out)
