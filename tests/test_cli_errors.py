@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import pytest
 
-from sharegpt4v import cli
+from sharegpt4v.cli import data as data_commands
 from sharegpt4v.cli import main
 from tests.json_http import JsonHandler
 
@@ -240,7 +240,7 @@ def test_an_unexpected_error_is_one_line_naming_its_type(monkeypatch: pytest.Mon
         raise ThirdPartyError(f"handshake with https://user:{SECRET}@store.example/x failed\nsecond line\nthird")
 
     monkeypatch.delenv("SHAREGPT4V_DEBUG", raising=False)
-    monkeypatch.setattr(cli, "cmd_config_show", explode)
+    monkeypatch.setattr(data_commands, "cmd_config_show", explode)
     assert main(["config", "show"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
