@@ -156,7 +156,7 @@ class FoundationsConfig:
     # Position embeddings drawn this large at init, so that every image token says which grid cell it is
     # (HF's 0.02 leaves them at ~4% of a token's norm and the contrastive loss has no reason to keep them).
     vision_position_init_std: float = 0.5
-    vision_alt_text: Literal["names", "names+size", "names+size+position"] = "names"  # what the alt text says
+    vision_alt_text: Literal["names", "names+size", "names+size+texture", "names+size+position"] = "names"  # what the alt text says
     # How the image tokens become one embedding for the contrastive loss: their mean, or all of them
     # flattened into one linear map (each token's content then has to stay in its own token).
     vision_pooling: Literal["mean", "flatten"] = "mean"

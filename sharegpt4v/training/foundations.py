@@ -39,7 +39,7 @@ def alt_text(scene: dict[str, Any], rng: random.Random, detail: str = "names") -
     """What web alt text would say about a world image: its objects and background, in any order.
 
     `detail`: "names" (red circle), "names+size" (large red circle), "names+size+position" (large red
-    circle top left).
+    circle top left); "+texture" also names the background's texture (striped blue background).
     """
     def name(o: dict[str, Any]) -> str:
         words = [o["size"]] if "size" in detail else []
@@ -52,7 +52,15 @@ def alt_text(scene: dict[str, Any], rng: random.Random, detail: str = "names") -
 
     names = [name(o) for o in scene["objects"]]
     rng.shuffle(names)
-    return ", ".join([*names, f"{scene['background']} background"])
+    background = scene["background"]
+    if "texture" in detail:
+        background = _TEXTURED[scene["texture"]].format(background)
+    return ", ".join([*names, f"{background} background"])
+
+
+# How alt text says a background's texture ("{}" is its colour): the words the world's captions use.
+_TEXTURED = {"plain": "plain {}", "gradient": "{} gradient", "stripes": "striped {}", "dots": "dotted {}",
+             "noise": "grainy {}"}
 
 
 @dataclass

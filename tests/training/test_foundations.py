@@ -35,6 +35,19 @@ def test_alt_text_names_objects_and_background_only() -> None:
     assert not any(word in text for word in ("large", "small", "top", "left", "two", "2"))
 
 
+@pytest.mark.parametrize("texture", ["plain", "gradient", "stripes", "dots", "noise"])
+def test_alt_text_with_texture_says_it_as_the_world_s_captions_do(texture: str) -> None:
+    from sharegpt4v.world.facts import extract_facts
+
+    scene = {"background": "beige", "texture": texture,
+             "objects": [{"colour": "red", "shape": "circle", "size": "large", "row": 0, "col": 0}]}
+    text = alt_text(scene, random.Random(0), "names+size+texture")
+    # The world's own caption reader finds the background's colour and texture in it, and nothing else new.
+    background = {f for f in extract_facts(text) if f.split("|")[0] in ("background", "texture")}
+    assert background == {"background|beige", f"texture|{texture}"}, text
+    assert "texture" not in alt_text(scene, random.Random(0), "names+size")
+
+
 def test_contrastive_training_pulls_images_and_their_alt_text_together(world: str) -> None:
     recipe = load_recipe("tiny", [*OVERRIDES, "foundations.vision_steps=60", "foundations.vision_batch_size=32"])
     images = load_world_images(world, "train", 48)
