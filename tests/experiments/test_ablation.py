@@ -132,3 +132,35 @@ def test_toy_ablation_end_to_end(tmp_path: Path, mlflow_sqlite: str) -> None:
     # a rerun keeps finished arms and the captioner instead of training them again
     again = run_ablation(recipe, plan, progress=False)
     assert again["rows"]["D"]["perception_by_seed"] == rows["D"]["perception_by_seed"]
+
+    # probes on the finished ablation: SFT with other settings from the arms' pretrained models, and a
+    # vision tower trained with other foundations settings beside the ablation's own
+    from sharegpt4v.experiments.probes import sft_probe, sft_probe_table, vision_probe
+
+    probe = sft_probe(plan.out, load_recipe("tiny", [*TOY, "sft.learning_rate=1e-4"]), ("A", "none"),
+                      str(tmp_path / "probe"), seed=1)
+    assert [r["arm"] for r in probe] == ["A", "none"]
+    assert all(0.0 <= r["metrics"]["world-vqa.perception"] <= 100.0 for r in probe)
+    assert "| A | " in sft_probe_table(probe)
+    made = {arm: json.loads((tmp_path / "probe" / arm / "sft" / "final" / "manifest.json").read_text())
+            for arm in ("A", "none")}
+    assert made["A"]["init"] == f"{plan.out}/runs/A-seed-1/pretrain/final" and made["none"]["init"] is None
+    assert made["A"]["made_from"]["recipe"]["sft"]["learning_rate"] == 1e-4  # the probe's SFT, not the ablation's
+    with pytest.raises(ValueError, match="no finished pretraining"):
+        sft_probe(plan.out, recipe, ("C",), str(tmp_path / "probe-c"))  # C was not in this ablation
+    towers = vision_probe(plan.out, load_recipe("tiny", [*TOY, "foundations.vision_alt_text=names"]), train_images=40)
+    assert set(towers) == {"ablation's tower", "recipe's tower"}
+    assert all(0.0 <= acc <= 1.0 for tower in towers.values() for acc in tower.values())
+
+
+def test_linear_probe_reads_a_separable_label_and_not_noise() -> None:
+    import torch
+
+    from sharegpt4v.experiments.probes import linear_probe
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 16)
+    labels = ["a" if v > 0 else "b" for v in x[:, 3].tolist()]
+    assert linear_probe(x[:300], labels[:300], x[300:], labels[300:]) > 0.9
+    noise = ["a" if v > 0 else "b" for v in torch.randn(400).tolist()]
+    assert linear_probe(x[:300], noise[:300], x[300:], noise[300:]) < 0.7

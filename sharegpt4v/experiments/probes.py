@@ -1,0 +1,146 @@
+"""Probes on a finished ablation: re-run one step of its chain with other settings and measure what changes.
+
+- `sft_probe`: SFT (the recipe's, with the caller's overrides) from each arm's pretrained checkpoint of the
+  ablation at `ablation`, evaluated on its whole test split, arms in parallel lanes. The README's SFT table
+  (learning rates, steps; how often yes/no is learnt at all) comes from it.
+- `vision_probe`: a vision tower trained as the recipe's foundations say (e.g. another alt text) beside the
+  ablation's own tower, both read by linear probes of what a caption states about the whole image
+  (background colour, texture): does the tower see it at all?
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from typing import Any
+
+from sharegpt4v import storage
+from sharegpt4v.config import RecipeConfig, recipe_from_dict, with_overrides
+
+# metric -> column label of the SFT probe's table
+SFT_PROBE_COLUMNS = {
+    "world-vqa.perception": "perception (0-100)",
+    **{f"world-vqa.yesno.categories.{c}.score": f"P: {c}" for c in ("existence", "count", "position", "colour")},
+    "world-vqa.mc.circular_headline": "MC circular",
+    "world-vqa.short.acc": "short answers",
+}
+
+
+def _ablation_recipe(ablation: str, recipe: RecipeConfig) -> RecipeConfig:
+    from sharegpt4v.training.foundations import foundation_overrides
+
+    foundations = storage.join(ablation, "foundations")
+    if not storage.open_store(foundations).is_complete():
+        raise ValueError(f"{ablation}: no finished ablation there (no complete foundations/)")
+    return with_overrides(recipe, foundation_overrides(foundations))
+
+
+def _pretrained(ablation: str, arm: str, seed: int) -> str | None:
+    """The arm's pretrained checkpoint in the ablation (None: the arm has no pretraining)."""
+    if arm == "none":
+        return None
+    final = storage.join(ablation, f"runs/{arm}-seed-{seed}/pretrain/final")
+    if not storage.open_store(final).is_complete():
+        raise ValueError(f"{ablation}: arm {arm} seed {seed} has no finished pretraining ({final})")
+    return final
+
+
+def _sft_lane(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from sharegpt4v.evaluation import evaluate, flat_metrics
+    from sharegpt4v.training.data import StageInputs
+    from sharegpt4v.training.run import launch
+
+    torch.set_num_threads(job["threads"])
+    recipe = recipe_from_dict(job["recipe"])
+    started = time.perf_counter()
+    sft = launch("sft", recipe, StageInputs([job["world"]], split="val"), f"{job['out']}/sft", init=job["init"])
+    metrics = flat_metrics(evaluate(sft.checkpoint_uri, recipe, dataset_uri=job["world"], out=f"{job['out']}/eval"))
+    return {"arm": job["arm"], "metrics": metrics, "minutes": (time.perf_counter() - started) / 60}
+
+
+def sft_probe(ablation: str, recipe: RecipeConfig, arms: tuple[str, ...], out: str, seed: int = 0,
+              lanes: int = 2) -> list[dict[str, Any]]:
+    """SFT + evaluation from each arm's pretrained model of `ablation` with `recipe`'s SFT; one result per arm."""
+    recipe = _ablation_recipe(ablation, recipe)
+    world = storage.join(ablation, "world")
+    threads = max(1, (os.cpu_count() or 2) // lanes)
+    jobs = [{"arm": arm, "init": _pretrained(ablation, arm, seed), "world": world, "out": f"{out}/{arm}",
+             "recipe": recipe.to_dict(), "threads": threads} for arm in arms]
+    with multiprocessing.get_context("spawn").Pool(min(lanes, len(jobs)), maxtasksperchild=1) as pool:
+        return pool.map(_sft_lane, jobs, chunksize=1)
+
+
+def sft_probe_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| arm | " + " | ".join(SFT_PROBE_COLUMNS.values()) + " | minutes |",
+             "|---" * (len(SFT_PROBE_COLUMNS) + 2) + "|"]
+    for r in results:
+        cells = [f"{r['metrics'].get(k, float('nan')):.3f}" if "perception" not in k and ".score" not in k
+                 else f"{r['metrics'].get(k, float('nan')):.1f}" for k in SFT_PROBE_COLUMNS]
+        lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {r['minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# the vision tower ----------------------------------------------------------------------------------------------
+
+
+def _features(tower: Any, pixels: Any, feature_layer: int) -> Any:
+    import torch
+
+    with torch.no_grad():
+        rows = [tower(pixel_values=pixels[i:i + 256], output_hidden_states=True).hidden_states[feature_layer][:, 1:]
+                for i in range(0, len(pixels), 256)]
+    return torch.cat(rows).flatten(1)  # every image token, in grid order: what the projector reads
+
+
+def linear_probe(train_x: Any, train_y: list[str], test_x: Any, test_y: list[str], steps: int = 300) -> float:
+    """Test accuracy of a softmax-regression probe (full-batch AdamW on standardised features)."""
+    import torch
+
+    labels = sorted(set(train_y) | set(test_y))
+    index = {label: i for i, label in enumerate(labels)}
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    xs, xt = (train_x - mean) / std, (test_x - mean) / std
+    ys = torch.tensor([index[y] for y in train_y])
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(xs.shape[1], len(labels))
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(probe(xs), ys)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = probe(xt).argmax(1).tolist()
+    return sum(labels[p] == y for p, y in zip(predicted, test_y)) / len(test_y)
+
+
+def vision_probe(ablation: str, recipe: RecipeConfig, train_images: int = 3000) -> dict[str, dict[str, float]]:
+    """{"ablation's tower" | "recipe's tower": {"background": acc, "texture": acc}} on the test split."""
+    import torch
+    from transformers import AutoTokenizer, CLIPVisionModel
+
+    from sharegpt4v.modeling.builder import materialize
+    from sharegpt4v.training.foundations import load_world_images, train_vision_tower
+
+    own = _ablation_recipe(ablation, recipe).model
+    world = storage.join(ablation, "world")
+    size, layer = recipe.model.vision.image_size, recipe.model.vision.feature_layer
+    train = load_world_images(world, recipe.foundations.split, size)
+    test = load_world_images(world, "test", size)
+    load = {"use_safetensors": True, "local_files_only": True}
+    towers = {"ablation's tower": CLIPVisionModel.from_pretrained(str(materialize(own.vision.path)), **load)}
+    tokenizer = AutoTokenizer.from_pretrained(str(materialize(own.language.path)), local_files_only=True)
+    towers["recipe's tower"], _ = train_vision_tower(recipe, train, tokenizer, seed=recipe.seed)
+    results: dict[str, dict[str, float]] = {}
+    for name, tower in towers.items():
+        tower.eval()
+        with torch.no_grad():
+            xs = _features(tower, train.pixels[:train_images], layer)
+            xt = _features(tower, test.pixels, layer)
+        results[name] = {kind: linear_probe(xs, [s[kind] for s in train.scenes[:train_images]],
+                                            xt, [s[kind] for s in test.scenes])
+                         for kind in ("background", "texture")}
+    return results
