@@ -49,8 +49,8 @@ DEFAULT_ARMS = ("A", "B", "D", "C", "shuffled", "none")
 # the SFT questions (images pretraining never saw), the test split the evaluation, whole.
 # SFT as LLaVA runs it, far below the pretraining learning rate (LLaVA-1.5: 2e-5 after a 1e-3 stage 1; here
 # 1e-4 after 2e-3) and until short answers stop improving (2000 x 16: about 1.2 passes over the val split's
-# questions). The profile's own SFT (lr 1e-3, 400 steps) is the demo's budget: at this ablation's probes it
-# left short answers 0.06-0.2 lower in every arm and yes/no at the "always yes" floor.
+# questions). The profile's own SFT (lr 1e-3, 400 steps) is the demo's budget: from the same pretrained
+# models it left short answers 0.1-0.2 lower in every arm (README, "SFT: when do the chat models learn yes/no?").
 ABLATION_OVERRIDES = (
     "world.splits.train=0.8", "world.splits.val=0.18", "world.splits.test=0.02",
     "sft.mix.conversations=0", "sft.mix.captions=0", "sft.max_samples=null", "sft.epochs=100",
