@@ -63,8 +63,9 @@ def _sft_lane(job: dict[str, Any]) -> dict[str, Any]:
 
 def sft_probe(ablation: str, recipe: RecipeConfig, arms: tuple[str, ...], out: str, seed: int = 0,
               lanes: int = 2) -> list[dict[str, Any]]:
-    """SFT + evaluation from each arm's pretrained model of `ablation` with `recipe`'s SFT; one result per arm."""
-    recipe = _ablation_recipe(ablation, recipe)
+    """SFT + evaluation from each arm's pretrained model of `ablation` with `recipe`'s SFT; one result per arm.
+    The SFT runs with the training seed `seed`, as the ablation's own SFT of those models did."""
+    recipe = recipe_from_dict({**_ablation_recipe(ablation, recipe).to_dict(), "seed": seed})
     world = storage.join(ablation, "world")
     threads = max(1, (os.cpu_count() or 2) // lanes)
     jobs = [{"arm": arm, "init": _pretrained(ablation, arm, seed), "world": world, "out": f"{out}/{arm}",

@@ -146,6 +146,7 @@ def test_toy_ablation_end_to_end(tmp_path: Path, mlflow_sqlite: str) -> None:
             for arm in ("A", "none")}
     assert made["A"]["init"] == f"{plan.out}/runs/A-seed-1/pretrain/final" and made["none"]["init"] is None
     assert made["A"]["made_from"]["recipe"]["sft"]["learning_rate"] == 1e-4  # the probe's SFT, not the ablation's
+    assert made["A"]["made_from"]["recipe"]["seed"] == 1  # the seed the ablation trained those models with
     with pytest.raises(ValueError, match="no finished pretraining"):
         sft_probe(plan.out, recipe, ("C",), str(tmp_path / "probe-c"))  # C was not in this ablation
     towers = vision_probe(plan.out, load_recipe("tiny", [*TOY, "foundations.vision_alt_text=names"]), train_images=40)
