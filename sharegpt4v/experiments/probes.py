@@ -17,14 +17,10 @@ from typing import Any
 
 from sharegpt4v import storage
 from sharegpt4v.config import RecipeConfig, recipe_from_dict, with_overrides
+from sharegpt4v.experiments.summary import METRICS
 
-# metric -> column label of the SFT probe's table
-SFT_PROBE_COLUMNS = {
-    "world-vqa.perception": "perception (0-100)",
-    **{f"world-vqa.yesno.categories.{c}.score": f"P: {c}" for c in ("existence", "count", "position", "colour")},
-    "world-vqa.mc.circular_headline": "MC circular",
-    "world-vqa.short.acc": "short answers",
-}
+# the columns of the SFT probe's table: the ablation's headlines and perception categories, as its table labels them
+SFT_PROBE_COLUMNS = {k: v for k, v in METRICS.items() if "short.categories" not in k}
 
 
 def _ablation_recipe(ablation: str, recipe: RecipeConfig) -> RecipeConfig:
@@ -78,8 +74,9 @@ def sft_probe_table(results: list[dict[str, Any]]) -> str:
     lines = ["| arm | " + " | ".join(SFT_PROBE_COLUMNS.values()) + " | minutes |",
              "|---" * (len(SFT_PROBE_COLUMNS) + 2) + "|"]
     for r in results:
-        cells = [f"{r['metrics'].get(k, float('nan')):.3f}" if "perception" not in k and ".score" not in k
-                 else f"{r['metrics'].get(k, float('nan')):.1f}" for k in SFT_PROBE_COLUMNS]
+        # perception scores are 0-100, the rest accuracies
+        cells = [f"{r['metrics'].get(k, float('nan')):.{1 if 'perception' in k or k.endswith('.score') else 3}f}"
+                 for k in SFT_PROBE_COLUMNS]
         lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {r['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
