@@ -163,11 +163,17 @@ class FoundationsConfig:
     language_steps: int = 600
     language_batch_size: int = 32
     language_learning_rate: float = 1e-3
+    # Then text QA, as Vicuna is tuned on text conversations: the world's questions answered from a plain
+    # statement of the scene in the chat template, only the answers supervised (0: none). It is where the
+    # stand-in learns to check a word against what it was told, which yes/no and multiple choice need.
+    language_qa_steps: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> "FoundationsConfig":
         if min(self.vision_steps, self.vision_batch_size, self.language_steps, self.language_batch_size) < 1:
             raise ValueError("vision_steps: steps and batch sizes must be >= 1")
+        if self.language_qa_steps < 0:
+            raise ValueError("language_qa_steps: must be >= 0")
         if not (0 < self.vision_learning_rate < 1 and 0 < self.language_learning_rate < 1):
             raise ValueError("vision_learning_rate: learning rates must be within (0, 1)")
         if self.vision_batch_size < 2:

@@ -11,7 +11,10 @@ section). So a model built from config gets both first, from the training split 
   detailed captions add later. A bag-of-words text tower is trained beside it and dropped. Saved
   as a `CLIPVisionModel` folder (safetensors) for `model.vision.path`.
 - `train_language_model`: a Llama trained on the world's text (captions, questions and answers),
-  with the BPE tokenizer trained on the same text. Saved with its tokenizer for `model.language.path`.
+  with the BPE tokenizer trained on the same text; then (`train_language_qa`, if
+  `foundations.language_qa_steps`) tuned on text conversations, as Vicuna is: the world's questions
+  answered from a plain statement of the scene ("There is a red circle in the top left corner. ...").
+  Saved with its tokenizer for `model.language.path`.
 
 `build_foundations` makes both (once: a complete folder is reused) and returns the recipe overrides
 that make every later stage build its LLaVA from them, as the 7B profile builds from CLIP + Vicuna.
@@ -63,6 +66,26 @@ _TEXTURED = {"plain": "plain {}", "gradient": "{} gradient", "stripes": "striped
              "noise": "grainy {}"}
 
 
+def scene_statement(scene: dict[str, Any], rng: random.Random) -> str:
+    """The scene said plainly, in the words the world's questions use, objects in any order:
+    "There is a red circle in the top left corner. ... The background is white."."""
+    from sharegpt4v.world.vocab import position_name
+    from sharegpt4v.world.vqa import CELL_PHRASES, with_article
+
+    objects = list(scene["objects"])
+    rng.shuffle(objects)
+    said = [f"There is {with_article(o['colour'] + ' ' + o['shape'])} {CELL_PHRASES[position_name(int(o['row']), int(o['col']))]}."
+            for o in objects]
+    return " ".join([*said, f"The background is {scene['background']}."])
+
+
+def text_qa_conversation(statement: str, item: dict[str, Any]) -> list[dict[str, str]]:
+    """A text-only chat: the statement stands where the image will, then the question as the chat models get it."""
+    from sharegpt4v.training.data import vqa_answer, vqa_prompt
+
+    return [{"from": "human", "value": f"{statement}\n{vqa_prompt(item)}"}, {"from": "gpt", "value": vqa_answer(item)}]
+
+
 @dataclass
 class WorldImages:
     """The split's images as CLIP-normalised tensors, with their scenes and texts (held in memory)."""
@@ -70,6 +93,7 @@ class WorldImages:
     pixels: torch.Tensor  # [N, 3, S, S]
     scenes: list[dict[str, Any]]
     texts: list[str]  # captions and question/answer lines: the language model's corpus
+    qa: list[list[dict[str, str]]]  # text QA conversations (`text_qa_conversation`), one per question
 
 
 def load_world_images(dataset_uri: str, split: str, image_size: int, limit: int | None = None) -> WorldImages:
@@ -77,7 +101,7 @@ def load_world_images(dataset_uri: str, split: str, image_size: int, limit: int 
     from sharegpt4v.modeling.images import to_tensor
     from sharegpt4v.training.data import vqa_answer, vqa_prompt
 
-    pixels, scenes, texts = [], [], []
+    pixels, scenes, texts, qa = [], [], [], []
     for sample in open_dataset(dataset_uri).samples(split):
         meta = sample_meta(sample)
         if "scene" not in meta:
@@ -87,11 +111,13 @@ def load_world_images(dataset_uri: str, split: str, image_size: int, limit: int 
         scenes.append(meta["scene"])
         texts += [meta["brief_caption"], meta["detailed_caption"]]
         texts += [f"{vqa_prompt(item)} {vqa_answer(item)}" for item in meta.get("vqa", [])]
+        rng = random.Random(f"statement:{meta.get('id')}")
+        qa += [text_qa_conversation(scene_statement(meta["scene"], rng), item) for item in meta.get("vqa", [])]
         if limit is not None and len(scenes) >= limit:
             break
     if not scenes:
         raise ValueError(f"{dataset_uri}: no {split!r} images to train the foundations on")
-    return WorldImages(torch.stack(pixels), scenes, texts)
+    return WorldImages(torch.stack(pixels), scenes, texts, qa)
 
 
 def _lr(step: int, total: int, base: float) -> float:
@@ -100,6 +126,16 @@ def _lr(step: int, total: int, base: float) -> float:
     if step < warm:
         return base * (step + 1) / warm
     return base * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One AdamW step at `lr`, gradients clipped to norm 1 (every foundation loop's)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _batches(n: int, batch: int, rng: random.Random) -> Iterator[list[int]]:
@@ -150,12 +186,7 @@ def train_vision_tower(recipe: Any, world: WorldImages, tokenizer: Any, seed: in
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
         targets = same / same.sum(1, keepdim=True)
         loss = -((targets * logits.log_softmax(1)).sum(1).mean() + (targets * logits.T.log_softmax(1)).sum(1).mean()) / 2
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, f.vision_steps, f.vision_learning_rate)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _step(optimizer, loss, _lr(step, f.vision_steps, f.vision_learning_rate))
     tower.eval()
     return tower, {"vision.final_loss": float(loss.detach()), "vision.seconds": time.perf_counter() - started,
                    "vision.images": float(len(world.scenes))}
@@ -193,16 +224,40 @@ def train_language_model(recipe: Any, texts: list[str], seed: int = 0) -> tuple[
                         max_length=lang.max_length)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, f.language_steps, f.language_learning_rate)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _step(optimizer, loss, _lr(step, f.language_steps, f.language_learning_rate))
     tokenizer.padding_side = "left"
     model.eval()
     return model, tokenizer, {"language.final_loss": float(loss.detach()),
                               "language.seconds": time.perf_counter() - started, "language.texts": float(len(texts))}
+
+
+def train_language_qa(recipe: Any, model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]],
+                      seed: int = 0) -> dict[str, float]:
+    """Tune `model` in place on text conversations in the chat models' template, answers only supervised."""
+    from sharegpt4v.modeling.templates import IGNORE_INDEX, encode_conversation
+
+    lang, f = recipe.model.language, recipe.foundations
+    template, image_tokens = recipe.sft.template, recipe.model.image_tokens
+    optimizer = torch.optim.AdamW(model.parameters(), lr=f.language_learning_rate, weight_decay=0.0)
+    batches = _batches(len(conversations), min(f.language_batch_size, len(conversations)), random.Random(f"qa:{seed}"))
+    model.train()
+    started, loss = time.perf_counter(), torch.tensor(0.0)
+    for step in range(f.language_qa_steps):
+        rows = [encode_conversation(conversations[i], tokenizer, template, lang.max_length, image_tokens)
+                for i in next(batches)]
+        width = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row.input_ids)] = torch.tensor(row.input_ids)
+            attention[r, : len(row.input_ids)] = 1
+            labels[r, : len(row.labels)] = torch.tensor(row.labels)
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        _step(optimizer, loss, _lr(step, f.language_qa_steps, f.language_learning_rate))
+    model.eval()
+    return {"language_qa.final_loss": float(loss.detach()), "language_qa.seconds": time.perf_counter() - started,
+            "language_qa.conversations": float(len(conversations))}
 
 
 def _clip_processor(image_size: int) -> Any:
@@ -243,6 +298,10 @@ def build_foundations(recipe: Any, dataset_uri: str, out: str, seed: int | None 
         world = load_world_images(dataset_uri, f.split, recipe.model.vision.image_size)
         language, tokenizer, metrics = train_language_model(recipe, world.texts, seed)
         log.info("foundations: language model trained (%d texts, loss %.3f)", len(world.texts), metrics["language.final_loss"])
+        if f.language_qa_steps:
+            metrics.update(train_language_qa(recipe, language, tokenizer, world.qa, seed))
+            log.info("foundations: language model tuned on %d text QA conversations (answer loss %.3f)",
+                     len(world.qa), metrics["language_qa.final_loss"])
         tower, vision_metrics = train_vision_tower(recipe, world, tokenizer, seed)
         metrics.update(vision_metrics)
         log.info("foundations: vision tower trained (%d images, loss %.3f)", len(world.scenes), metrics["vision.final_loss"])

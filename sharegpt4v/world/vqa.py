@@ -28,7 +28,7 @@ def _plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
 
-def _a(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -70,7 +70,7 @@ def _yes_no_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]
     o = rng.choice(objs)
     absent = [f"{c} {o.shape}" for c in COLOURS if f"{c} {o.shape}" not in names]
     absent += [f"{o.colour} {s}" for s in SHAPES if f"{o.colour} {s}" not in names]
-    pairs.append(("existence", f"Is there {_a(o.name)} in the image?", f"Is there {_a(rng.choice(absent))} in the image?"))
+    pairs.append(("existence", f"Is there {with_article(o.name)} in the image?", f"Is there {with_article(rng.choice(absent))} in the image?"))
 
     # count: the exact total (or the exact count of one shape) vs an off-by-one.
     counts = scene.shape_counts()

@@ -11,7 +11,15 @@ import torch
 from sharegpt4v import storage
 from sharegpt4v.config import load_recipe
 from sharegpt4v.modeling.builder import build_model
-from sharegpt4v.training.foundations import alt_text, build_foundations, load_world_images, train_vision_tower
+from sharegpt4v.training.foundations import (
+    alt_text,
+    build_foundations,
+    load_world_images,
+    scene_statement,
+    train_language_model,
+    train_language_qa,
+    train_vision_tower,
+)
 from sharegpt4v.world.generate import generate_world
 
 OVERRIDES = ["world.image_size=48", "world.max_objects=3", "world.sources.text=0", "world.sources.art=0",
@@ -48,6 +56,41 @@ def test_alt_text_with_texture_says_it_as_the_world_s_captions_do(texture: str) 
     assert "texture" not in alt_text(scene, random.Random(0), "names+size")
 
 
+def test_scene_statement_says_every_object_where_the_questions_look_for_it() -> None:
+    scene = {"background": "white", "objects": [
+        {"colour": "orange", "shape": "circle", "size": "large", "row": 0, "col": 0},
+        {"colour": "blue", "shape": "square", "size": "small", "row": 2, "col": 1}]}
+    text = scene_statement(scene, random.Random(0))
+    assert set(text.split(". ")) == {"There is an orange circle in the top left corner",
+                                     "There is a blue square at the bottom center", "The background is white."}
+
+
+def test_text_qa_teaches_the_language_model_to_answer_from_the_statement(world: str) -> None:
+    recipe = load_recipe("tiny", [*OVERRIDES, "foundations.language_steps=20", "foundations.language_qa_steps=60"])
+    images = load_world_images(world, "train", 48)
+    # One conversation per question, each opening with its scene's statement and asking as the chat models are asked.
+    assert len(images.qa) > 10 * len(images.scenes)
+    first = images.qa[0][0]["value"]
+    assert first.startswith("There is ") and "Answer" in first and "<image>" not in first
+    model, tokenizer, _ = train_language_model(recipe, images.texts)
+    held_out = images.qa[-64:]
+
+    def answer_loss() -> float:
+        from sharegpt4v.modeling.templates import encode_conversation
+
+        total = 0.0
+        for conversation in held_out:
+            enc = encode_conversation(conversation, tokenizer, "vicuna_v1", 256, 9)
+            with torch.no_grad():
+                total += float(model(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([enc.labels])).loss)
+        return total / len(held_out)
+
+    before = answer_loss()
+    metrics = train_language_qa(recipe, model, tokenizer, images.qa[:-64])
+    assert metrics["language_qa.conversations"] == len(images.qa) - 64
+    assert answer_loss() < 0.8 * before
+
+
 def test_contrastive_training_pulls_images_and_their_alt_text_together(world: str) -> None:
     recipe = load_recipe("tiny", [*OVERRIDES, "foundations.vision_steps=60", "foundations.vision_batch_size=32"])
     images = load_world_images(world, "train", 48)
@@ -62,10 +105,12 @@ def test_contrastive_training_pulls_images_and_their_alt_text_together(world: st
 
 
 def test_build_foundations_once_and_build_llava_from_them(world: str, tmp_path) -> None:
-    recipe = load_recipe("tiny", [*OVERRIDES, "foundations.vision_steps=5", "foundations.language_steps=5"])
+    recipe = load_recipe("tiny", [*OVERRIDES, "foundations.vision_steps=5", "foundations.language_steps=5",
+                                  "foundations.language_qa_steps=3"])
     out = str(tmp_path / "foundations")
     result = build_foundations(recipe, world, out)
     assert storage.open_store(out).is_complete() and result["language.texts"] > 100
+    assert result["language_qa.conversations"] > 100  # the text QA phase ran
     assert result["overrides"] == [f"model.vision.path={out}/vision", f"model.language.path={out}/language"]
     model, processor = build_model(load_recipe("tiny", [*OVERRIDES, *result["overrides"]]).model)
     assert model.config.image_seq_length == 9 and processor.tokenizer.convert_tokens_to_ids("<image>") == 4
