@@ -106,7 +106,7 @@ def captioner_chain(recipe: RecipeConfig, plan: AblationPlan, world: str) -> dic
     seed = plan.seeds[0]
     started = time.perf_counter()
     a = ablation_recipe(recipe, "A", seed)
-    base = launch("pretrain", a, StageInputs([world], split=plan.corpus_split), _run_dir(plan, "A", seed) + "/pretrain")
+    base = launch("pretrain", a, StageInputs([world], split=plan.corpus_split), run_dir(plan.out, "A", seed) + "/pretrain")
     captioner = launch("captioner", a, StageInputs([world], split=plan.seed_split), f"{plan.out}/captioner/model",
                        init=base.checkpoint_uri)
     engine = make_captioner(captioner.checkpoint_uri, a, device=a.compute.device, name="share-captioner")
@@ -147,8 +147,14 @@ def _blank_captions(engine: Any, world: str, out: str, limit: int) -> list[dict[
 # one arm ----------------------------------------------------------------------------------------------
 
 
-def _run_dir(plan: AblationPlan, arm: str, seed: int) -> str:
-    return f"{plan.out}/runs/{arm}-seed-{seed}"
+def run_dir(out: str, arm: str, seed: int) -> str:
+    """Where an ablation at `out` keeps one (arm, seed) run: its pretraining, SFT and evaluation."""
+    return f"{out}/runs/{arm}-seed-{seed}"
+
+
+def lane_threads(lanes: int) -> int:
+    """CPU threads per lane when `lanes` runs share the machine."""
+    return max(1, (os.cpu_count() or 2) // lanes)
 
 
 def run_arm(recipe: RecipeConfig, arm: str, seed: int, world: str, out: str, plan: AblationPlan,
@@ -198,7 +204,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
             tracking.log_metrics({k: v for k, v in result["metrics"].items() if isinstance(v, float)})
         store.put_json("result.json", result)
         return result
-    out = _run_dir(plan, job["arm"], job["seed"])
+    out = run_dir(plan.out, job["arm"], job["seed"])
     store = storage.open_store(out)
     if store.exists("result.json"):  # a rerun after a kill keeps finished arms
         return store.get_json("result.json")
@@ -234,7 +240,7 @@ def run_ablation(base: RecipeConfig, plan: AblationPlan, progress: bool = True) 
         majority = MajorityAnswerer(_items(world, plan.sft_split))
         blind = flat_metrics(evaluate(majority, recipe, dataset_uri=world, out=f"{plan.out}/blind-majority"))
 
-    threads = max(1, (os.cpu_count() or 2) // plan.lanes)
+    threads = lane_threads(plan.lanes)
     job = {"recipe": recipe.to_dict(), "world": world, "plan": dataclasses.asdict(plan), "threads": threads}
     needs_captioner = "D" in plan.arms
     first = plan.seeds[0]

@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from typing import Any
 
 from sharegpt4v import storage
 from sharegpt4v.config import RecipeConfig, recipe_from_dict, with_overrides
+from sharegpt4v.experiments.ablation import lane_threads, run_dir
 from sharegpt4v.experiments.summary import METRICS
 
 # the columns of the SFT probe's table: the ablation's headlines and perception categories, as its table labels them
@@ -36,7 +36,7 @@ def _pretrained(ablation: str, arm: str, seed: int) -> str | None:
     """The arm's pretrained checkpoint in the ablation (None: the arm has no pretraining)."""
     if arm == "none":
         return None
-    final = storage.join(ablation, f"runs/{arm}-seed-{seed}/pretrain/final")
+    final = run_dir(ablation.rstrip("/"), arm, seed) + "/pretrain/final"
     if not storage.open_store(final).is_complete():
         raise ValueError(f"{ablation}: arm {arm} seed {seed} has no finished pretraining ({final})")
     return final
@@ -63,7 +63,7 @@ def sft_probe(ablation: str, recipe: RecipeConfig, arms: tuple[str, ...], out: s
     The SFT runs with the training seed `seed`, as the ablation's own SFT of those models did."""
     recipe = recipe_from_dict({**_ablation_recipe(ablation, recipe).to_dict(), "seed": seed})
     world = storage.join(ablation, "world")
-    threads = max(1, (os.cpu_count() or 2) // lanes)
+    threads = lane_threads(lanes)
     jobs = [{"arm": arm, "init": _pretrained(ablation, arm, seed), "world": world, "out": f"{out}/{arm}",
              "recipe": recipe.to_dict(), "threads": threads} for arm in arms]
     with multiprocessing.get_context("spawn").Pool(min(lanes, len(jobs)), maxtasksperchild=1) as pool:
@@ -117,7 +117,6 @@ def linear_probe(train_x: Any, train_y: list[str], test_x: Any, test_y: list[str
 
 def vision_probe(ablation: str, recipe: RecipeConfig, train_images: int = 3000) -> dict[str, dict[str, float]]:
     """{"ablation's tower" | "recipe's tower": {"background": acc, "texture": acc}} on the test split."""
-    import torch
     from transformers import AutoTokenizer, CLIPVisionModel
 
     from sharegpt4v.modeling.builder import materialize
@@ -135,9 +134,8 @@ def vision_probe(ablation: str, recipe: RecipeConfig, train_images: int = 3000) 
     results: dict[str, dict[str, float]] = {}
     for name, tower in towers.items():
         tower.eval()
-        with torch.no_grad():
-            xs = _features(tower, train.pixels[:train_images], layer)
-            xt = _features(tower, test.pixels, layer)
+        xs = _features(tower, train.pixels[:train_images], layer)
+        xt = _features(tower, test.pixels, layer)
         results[name] = {kind: linear_probe(xs, [s[kind] for s in train.scenes[:train_images]],
                                             xt, [s[kind] for s in test.scenes])
                          for kind in ("background", "texture")}

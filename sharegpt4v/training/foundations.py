@@ -93,7 +93,15 @@ class WorldImages:
     pixels: torch.Tensor  # [N, 3, S, S]
     scenes: list[dict[str, Any]]
     texts: list[str]  # captions and question/answer lines: the language model's corpus
-    qa: list[list[dict[str, str]]]  # text QA conversations (`text_qa_conversation`), one per question
+    questions: list[list[dict[str, Any]]]  # each scene's world questions (its `vqa` items)
+
+    def text_qa(self) -> list[list[dict[str, str]]]:
+        """One text QA conversation (`text_qa_conversation`) per question, its scene stated first."""
+        conversations = []
+        for scene, items in zip(self.scenes, self.questions):
+            rng = random.Random(f"statement:{scene.get('id')}")
+            conversations += [text_qa_conversation(scene_statement(scene, rng), item) for item in items]
+        return conversations
 
 
 def load_world_images(dataset_uri: str, split: str, image_size: int, limit: int | None = None) -> WorldImages:
@@ -101,7 +109,7 @@ def load_world_images(dataset_uri: str, split: str, image_size: int, limit: int 
     from sharegpt4v.modeling.images import to_tensor
     from sharegpt4v.training.data import vqa_answer, vqa_prompt
 
-    pixels, scenes, texts, qa = [], [], [], []
+    pixels, scenes, texts, questions = [], [], [], []
     for sample in open_dataset(dataset_uri).samples(split):
         meta = sample_meta(sample)
         if "scene" not in meta:
@@ -111,13 +119,12 @@ def load_world_images(dataset_uri: str, split: str, image_size: int, limit: int 
         scenes.append(meta["scene"])
         texts += [meta["brief_caption"], meta["detailed_caption"]]
         texts += [f"{vqa_prompt(item)} {vqa_answer(item)}" for item in meta.get("vqa", [])]
-        rng = random.Random(f"statement:{meta.get('id')}")
-        qa += [text_qa_conversation(scene_statement(meta["scene"], rng), item) for item in meta.get("vqa", [])]
+        questions.append(meta.get("vqa", []))
         if limit is not None and len(scenes) >= limit:
             break
     if not scenes:
         raise ValueError(f"{dataset_uri}: no {split!r} images to train the foundations on")
-    return WorldImages(torch.stack(pixels), scenes, texts, qa)
+    return WorldImages(torch.stack(pixels), scenes, texts, questions)
 
 
 def _lr(step: int, total: int, base: float) -> float:
@@ -299,9 +306,10 @@ def build_foundations(recipe: Any, dataset_uri: str, out: str, seed: int | None 
         language, tokenizer, metrics = train_language_model(recipe, world.texts, seed)
         log.info("foundations: language model trained (%d texts, loss %.3f)", len(world.texts), metrics["language.final_loss"])
         if f.language_qa_steps:
-            metrics.update(train_language_qa(recipe, language, tokenizer, world.qa, seed))
+            conversations = world.text_qa()
+            metrics.update(train_language_qa(recipe, language, tokenizer, conversations, seed))
             log.info("foundations: language model tuned on %d text QA conversations (answer loss %.3f)",
-                     len(world.qa), metrics["language_qa.final_loss"])
+                     len(conversations), metrics["language_qa.final_loss"])
         tower, vision_metrics = train_vision_tower(recipe, world, tokenizer, seed)
         metrics.update(vision_metrics)
         log.info("foundations: vision tower trained (%d images, loss %.3f)", len(world.scenes), metrics["vision.final_loss"])

@@ -69,11 +69,12 @@ def test_text_qa_teaches_the_language_model_to_answer_from_the_statement(world: 
     recipe = load_recipe("tiny", [*OVERRIDES, "foundations.language_steps=20", "foundations.language_qa_steps=60"])
     images = load_world_images(world, "train", 48)
     # One conversation per question, each opening with its scene's statement and asking as the chat models are asked.
-    assert len(images.qa) > 10 * len(images.scenes)
-    first = images.qa[0][0]["value"]
+    conversations = images.text_qa()
+    assert len(conversations) > 10 * len(images.scenes)
+    first = conversations[0][0]["value"]
     assert first.startswith("There is ") and "Answer" in first and "<image>" not in first
     model, tokenizer, _ = train_language_model(recipe, images.texts)
-    held_out = images.qa[-64:]
+    held_out = conversations[-64:]
 
     def answer_loss() -> float:
         from sharegpt4v.modeling.templates import encode_conversation
@@ -86,8 +87,8 @@ def test_text_qa_teaches_the_language_model_to_answer_from_the_statement(world: 
         return total / len(held_out)
 
     before = answer_loss()
-    metrics = train_language_qa(recipe, model, tokenizer, images.qa[:-64])
-    assert metrics["language_qa.conversations"] == len(images.qa) - 64
+    metrics = train_language_qa(recipe, model, tokenizer, conversations[:-64])
+    assert metrics["language_qa.conversations"] == len(conversations) - 64
     assert answer_loss() < 0.8 * before
 
 
