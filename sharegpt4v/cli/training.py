@@ -80,7 +80,7 @@ def cmd_experiment_ablation(args: argparse.Namespace) -> int:
 
 def cmd_experiment_probe_sft(args: argparse.Namespace) -> int:
     from sharegpt4v.experiments.ablation import ARMS, default_recipe
-    from sharegpt4v.experiments.probes import sft_probe, sft_probe_table
+    from sharegpt4v.experiments.probes import reason_table, sft_probe, sft_probe_table
 
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     unknown = set(arms) - set(ARMS)
@@ -92,6 +92,9 @@ def cmd_experiment_probe_sft(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(sft_probe_table(results), end="")
+    if any("reasons" in r for r in results):
+        print("\nYes/no answered with reasons (sft.yes_no_reasons), test split:\n")
+        print(reason_table(results), end="")
     return 0
 
 

@@ -3,6 +3,9 @@
 - `sft_probe`: SFT (the recipe's, with the caller's overrides) from each arm's pretrained checkpoint of the
   ablation at `ablation`, evaluated on its whole test split, arms in parallel lanes. The README's SFT table
   (learning rates, steps; how often yes/no is learnt at all) comes from it.
+- `reason_check`: for an SFT run with `sft.yes_no_reasons` (yes/no answered "no, it is blue."), the test
+  split's yes/no questions answered at length: per category, is the answer word right, is the stated
+  reason the world's, and does the answer agree with the model's own reason? (`sft_probe` runs it.)
 - `vision_probe`: a vision tower trained as the recipe's foundations say (e.g. another alt text) beside the
   ablation's own tower, both read by linear probes of what a caption states about the whole image
   (background colour, texture): does the tower see it at all?
@@ -54,7 +57,55 @@ def _sft_lane(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     sft = launch("sft", recipe, StageInputs([job["world"]], split="val"), f"{job['out']}/sft", init=job["init"])
     metrics = flat_metrics(evaluate(sft.checkpoint_uri, recipe, dataset_uri=job["world"], out=f"{job['out']}/eval"))
-    return {"arm": job["arm"], "metrics": metrics, "minutes": (time.perf_counter() - started) / 60}
+    result = {"arm": job["arm"], "metrics": metrics}
+    if recipe.sft.yes_no_reasons:
+        result["reasons"] = reason_check(sft.checkpoint_uri, recipe, job["world"])
+    return {**result, "minutes": (time.perf_counter() - started) / 60}
+
+
+def reason_check(checkpoint: str, recipe: RecipeConfig, world: str, max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
+    """The model at `checkpoint` answers the test split's yes/no questions at length; `score_reasons` of it."""
+    from sharegpt4v.evaluation.run import as_answerer
+    from sharegpt4v.evaluation.world_vqa import WorldVQA, item_questions
+
+    pairs = [(item, image) for item, image in WorldVQA(world, split="test").items()
+             if item["kind"] == "yesno" and item.get("reason")]
+    answerer, _ = as_answerer(checkpoint, recipe)
+    answerer.max_new_tokens = max_new_tokens
+    texts = answerer.answer([item_questions(item, image)[0] for item, image in pairs])
+    return score_reasons([item for item, _ in pairs], texts)
+
+
+def score_reasons(items: list[dict[str, Any]], texts: list[str]) -> dict[str, dict[str, float]]:
+    """{category: {"questions", "answer", "reason", "agrees"}} for answers like "no, it is blue.": the share
+    whose answer word is right, whose stated reason is the item's, and whose answer word is the one the
+    model's own reason implies (`reason_implies`; an answer without a readable reason does not agree)."""
+    from collections import defaultdict
+
+    from sharegpt4v.evaluation.common import parse_yes_no
+    from sharegpt4v.world.vqa import reason_implies
+
+    counts: dict[str, dict[str, float]] = defaultdict(lambda: {"questions": 0, "answer": 0, "reason": 0, "agrees": 0})
+    for item, text in zip(items, texts, strict=True):
+        word, _, stated = text.strip().partition(",")
+        row = counts[item["category"]]
+        row["questions"] += 1
+        row["answer"] += parse_yes_no(text) == item["answer"]
+        row["reason"] += stated.strip().rstrip(".").lower() == item["reason"].lower()
+        row["agrees"] += reason_implies(stated, item["question"]) == parse_yes_no(word)
+    return {c: {k: (v if k == "questions" else v / row["questions"]) for k, v in row.items()}
+            for c, row in sorted(counts.items())}
+
+
+def reason_table(results: list[dict[str, Any]]) -> str:
+    """The reason check of each probed arm, a row per yes/no category."""
+    lines = ["| arm | category | questions | answer right | reason right | answer agrees with its reason |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        for category, row in r.get("reasons", {}).items():
+            lines.append(f"| {r['arm']} | {category} | {row['questions']:.0f} | {row['answer']:.3f} | "
+                         f"{row['reason']:.3f} | {row['agrees']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def sft_probe(ablation: str, recipe: RecipeConfig, arms: tuple[str, ...], out: str, seed: int = 0,

@@ -120,8 +120,13 @@ def vqa_prompt(item: dict[str, Any]) -> str:
     return f"{item['question']}\n{SHORT_ANSWER_SUFFIX}"
 
 
-def vqa_answer(item: dict[str, Any]) -> str:
+def vqa_answer(item: dict[str, Any], reasons: bool = False) -> str:
+    """The trained answer: MC as its letter; with `reasons`, a yes/no item that carries its `reason`
+    (world items do) is answered with it, "no, it is blue." (the answer word stays first, where
+    MME's parser reads it)."""
     answer = str(item["answer"])
+    if reasons and item.get("kind") == "yesno" and item.get("reason"):
+        return f"{answer}, {item['reason']}."
     if item.get("kind") in ("mc", "choice"):
         options = [str(o) for o in item.get("options") or []]
         if answer not in LETTERS[: len(options)] and answer in options:
@@ -129,9 +134,9 @@ def vqa_answer(item: dict[str, Any]) -> str:
     return answer
 
 
-def vqa_conversation(item: dict[str, Any]) -> list[dict[str, str]]:
+def vqa_conversation(item: dict[str, Any], reasons: bool = False) -> list[dict[str, str]]:
     return [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{vqa_prompt(item)}"},
-            {"from": "gpt", "value": vqa_answer(item)}]
+            {"from": "gpt", "value": vqa_answer(item, reasons)}]
 
 
 def _valid_vqa(item: Any) -> bool:
@@ -156,12 +161,13 @@ def normalise_conversation(turns: Any) -> list[dict[str, str]] | None:
     return out
 
 
-def example_conversation(kind: int, item: int, meta: dict[str, Any], caption: str | None) -> list[dict[str, str]]:
+def example_conversation(kind: int, item: int, meta: dict[str, Any], caption: str | None,
+                         reasons: bool = False) -> list[dict[str, str]]:
     if kind == CAPTIONS:
         assert caption is not None
         return caption_conversation(caption)
     if kind == VQA:
-        return vqa_conversation(meta["vqa"][item])
+        return vqa_conversation(meta["vqa"][item], reasons)
     conversation = normalise_conversation(meta.get("conversations"))
     assert conversation is not None  # checked by the index pass
     return conversation
@@ -435,8 +441,8 @@ def iter_examples(index: DataIndex, stage: Any, seed: int, rank: int, world_size
                 meta, image = loaded[(shard, ordinal)]
                 sid = str(meta.get("id") or "")
                 caption = caption_for(index, stage, sid, meta) if kind == CAPTIONS else None
-                yield RawExample(example_id(kind, item, sid, meta), example_conversation(kind, item, meta, caption),
-                                 image, Position(epoch, offset + j + 1))
+                conversation = example_conversation(kind, item, meta, caption, stage.yes_no_reasons)
+                yield RawExample(example_id(kind, item, sid, meta), conversation, image, Position(epoch, offset + j + 1))
             offset += len(window)
         epoch, skip = epoch + 1, 0
 

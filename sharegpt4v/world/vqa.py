@@ -1,6 +1,10 @@
 """Questions with exact answers from the scene graph: MME-style yes/no pairs,
 MMBench-style 4-option multiple choice, and short answers.
 
+Each yes/no item also carries its `reason`: the fact of the scene that decides it ("it is red",
+"there are 2 objects"), phrased so that the answer is "yes" exactly when the fact after its lead
+("it is", "there is", "there are", "it says") appears in the question (`reason_implies`).
+
 Every question names objects unambiguously: by "colour shape" (unique in a scene) or by grid
 cell (one object per cell), never by shape alone unless that shape occurs once.
 """
@@ -8,6 +12,7 @@ cell (one object per cell), never by shape alone unless that shape occurs once.
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 from sharegpt4v.world.scene import Scene, WorldObject
@@ -40,12 +45,12 @@ def vqa_items(scene: Scene, rng: random.Random) -> list[dict[str, Any]]:
         items.append({"qid": f"{scene.id}-q{len(items):02d}", "kind": kind, "category": category,
                       "question": question, "answer": answer, **extra})
 
-    for category, yes_q, no_q in _yes_no_pairs(scene, rng):
+    for category, (yes_q, yes_reason), (no_q, no_reason) in _yes_no_pairs(scene, rng):
         pair = f"{scene.id}-p{category}"
-        questions = [(yes_q, "yes"), (no_q, "no")]
+        questions = [(yes_q, "yes", yes_reason), (no_q, "no", no_reason)]
         rng.shuffle(questions)  # the "yes" question is not always first
-        for q, a in questions:
-            add("yesno", category, q, a, pair=pair)
+        for q, a, reason in questions:
+            add("yesno", category, q, a, pair=pair, reason=reason)
 
     for category, question, correct, distractors in _multiple_choice(scene, rng):
         options = [correct, *rng.sample(distractors, 3)]
@@ -61,42 +66,74 @@ def _other_cell(obj: WorldObject, rng: random.Random) -> str:
     return rng.choice([p for p in POSITIONS if p != obj.position])
 
 
-def _yes_no_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+REASON_LEADS = ("it is ", "there is ", "there are ", "it says ")
+
+
+def reason_implies(reason: str, question: str) -> str | None:
+    """The answer a yes/no `reason` implies for `question` ("yes" when its fact is what the question
+    asks about), or None when the text is not a reason in the world's phrasing."""
+    text = reason.strip().lower().rstrip(".")
+    lead = next((x for x in REASON_LEADS if text.startswith(x)), None)
+    if lead is None or not text[len(lead):]:
+        return None
+    # not inside a word, but may run into one: "1 object" is what "exactly 1 objects" asks about
+    return "yes" if re.search(rf"(?<!\w){re.escape(text[len(lead):])}", question.lower()) else "no"
+
+
+def _there(n: int, noun: str, plural: str) -> str:
+    return f"there is one {noun}" if n == 1 else f"there are {n} {plural}"
+
+
+# (category, (yes question, its reason), (no question, its reason))
+YesNoPair = tuple[str, tuple[str, str], tuple[str, str]]
+
+
+def _yes_no_pairs(scene: Scene, rng: random.Random) -> list[YesNoPair]:
     objs = scene.objects
     names = {o.name for o in objs}
-    pairs = []
+    pairs: list[YesNoPair] = []
 
-    # existence: a present object vs an absent one differing in colour or shape only.
+    # existence: a present object vs an absent one differing in colour or shape only. The "no" reason
+    # names the objects that share the absent one's colour or shape.
     o = rng.choice(objs)
     absent = [f"{c} {o.shape}" for c in COLOURS if f"{c} {o.shape}" not in names]
     absent += [f"{o.colour} {s}" for s in SHAPES if f"{o.colour} {s}" not in names]
-    pairs.append(("existence", f"Is there {with_article(o.name)} in the image?", f"Is there {with_article(rng.choice(absent))} in the image?"))
+    missing = rng.choice(absent)
+    colour, shape = missing.split(" ")
+    near = [x for x in objs if x.colour == colour or x.shape == shape]
+    pairs.append(("existence", (f"Is there {with_article(o.name)} in the image?", f"there is {with_article(o.name)}"),
+                  (f"Is there {with_article(missing)} in the image?",
+                   "there is " + " and ".join(with_article(x.name) for x in near))))
 
     # count: the exact total (or the exact count of one shape) vs an off-by-one.
     counts = scene.shape_counts()
     if rng.random() < 0.5:
         n = len(objs)
         wrong = rng.choice([m for m in (n - 1, n + 1) if m >= 1])
-        pairs.append(("count", f"Are there exactly {n} objects in the image?",
-                      f"Are there exactly {wrong} objects in the image?"))
+        reason = f"there is {n} object" if n == 1 else f"there are {n} objects"
+        pairs.append(("count", (f"Are there exactly {n} objects in the image?", reason),
+                      (f"Are there exactly {wrong} objects in the image?", reason)))
     else:
         shape = rng.choice(sorted(counts))
         n = counts[shape]
         wrong = rng.choice([m for m in (n - 1, n + 1) if m >= 1] if n > 1 else [2, 3])
         yes_q = (f"Is there exactly one {shape} in the image?" if n == 1
                  else f"Are there exactly {n} {_plural(shape)} in the image?")
-        pairs.append(("count", yes_q, f"Are there exactly {wrong} {_plural(shape)} in the image?"))
+        reason = _there(n, shape, _plural(shape))
+        pairs.append(("count", (yes_q, reason), (f"Are there exactly {wrong} {_plural(shape)} in the image?", reason)))
 
     # position: the object's cell vs another cell.
     o = rng.choice(objs)
-    pairs.append(("position", f"Is the {o.name} {CELL_PHRASES[o.position]}?",
-                  f"Is the {o.name} {CELL_PHRASES[_other_cell(o, rng)]}?"))
+    reason = f"it is {CELL_PHRASES[o.position]}"
+    pairs.append(("position", (f"Is the {o.name} {CELL_PHRASES[o.position]}?", reason),
+                  (f"Is the {o.name} {CELL_PHRASES[_other_cell(o, rng)]}?", reason)))
 
     # colour: the object in a cell is asked about with its colour vs another colour.
     o = rng.choice(objs)
     other = rng.choice([c for c in COLOURS if c != o.colour])
     where = CELL_PHRASES[o.position]
-    pairs.append(("colour", f"Is the {o.shape} {where} {o.colour}?", f"Is the {o.shape} {where} {other}?"))
+    reason = f"it is {o.colour}"
+    pairs.append(("colour", (f"Is the {o.shape} {where} {o.colour}?", reason), (f"Is the {o.shape} {where} {other}?", reason)))
 
     # OCR: the word an object carries vs a word that appears nowhere in the image.
     carriers = [o for o in objs if o.text]
@@ -104,8 +141,9 @@ def _yes_no_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]
         o = rng.choice(carriers)
         used = {x.text for x in carriers}
         wrong_word = rng.choice([w for w in WORDS if w not in used])
-        pairs.append(("ocr", f'Is the word "{o.text}" written on the {o.name}?',
-                      f'Is the word "{wrong_word}" written on the {o.name}?'))
+        reason = f'it says "{o.text}"'
+        pairs.append(("ocr", (f'Is the word "{o.text}" written on the {o.name}?', reason),
+                      (f'Is the word "{wrong_word}" written on the {o.name}?', reason)))
     return pairs
 
 

@@ -135,11 +135,17 @@ def test_toy_ablation_end_to_end(tmp_path: Path, mlflow_sqlite: str) -> None:
 
     # probes on the finished ablation: SFT with other settings from the arms' pretrained models, and a
     # vision tower trained with other foundations settings beside the ablation's own
+    from sharegpt4v.data.shards import open_dataset, sample_meta
     from sharegpt4v.experiments.probes import sft_probe, sft_probe_table, vision_probe
 
-    probe = sft_probe(plan.out, load_recipe("tiny", [*TOY, "sft.learning_rate=1e-4"]), ("A", "none"),
-                      str(tmp_path / "probe"), seed=1)
+    probe = sft_probe(plan.out, load_recipe("tiny", [*TOY, "sft.learning_rate=1e-4", "sft.yes_no_reasons=true"]),
+                      ("A", "none"), str(tmp_path / "probe"), seed=1)
     assert [r["arm"] for r in probe] == ["A", "none"]
+    # with reasons, each yes/no test question is also asked at length and its reason checked
+    test_items = [i for s in open_dataset(f"{plan.out}/world").samples("test") for i in sample_meta(s)["vqa"]]
+    for r in probe:
+        assert set(r["reasons"]) == {"existence", "count", "position", "colour"}
+        assert sum(row["questions"] for row in r["reasons"].values()) == sum(i["kind"] == "yesno" for i in test_items)
     assert all(0.0 <= r["metrics"]["world-vqa.perception"] <= 100.0 for r in probe)
     assert "| A | " in sft_probe_table(probe)
     made = {arm: json.loads((tmp_path / "probe" / arm / "sft" / "final" / "manifest.json").read_text())
@@ -165,3 +171,18 @@ def test_linear_probe_reads_a_separable_label_and_not_noise() -> None:
     assert linear_probe(x[:300], labels[:300], x[300:], labels[300:]) > 0.9
     noise = ["a" if v > 0 else "b" for v in torch.randn(400).tolist()]
     assert linear_probe(x[:300], noise[:300], x[300:], noise[300:]) < 0.7
+
+
+def test_reason_scores_tell_seeing_from_comparing() -> None:
+    from sharegpt4v.experiments.probes import reason_table, score_reasons
+
+    red = {"category": "colour", "question": "Is the circle in the center red?", "reason": "it is red", "answer": "yes"}
+    blue = {**red, "question": "Is the circle in the center blue?", "answer": "no"}
+    two = {"category": "count", "question": "Are there exactly 3 objects in the image?", "reason": "there are 2 objects",
+           "answer": "no"}
+    # sees red and says so, but answers "yes" to both: the reason is right, the comparison is not
+    scores = score_reasons([red, blue, two, two], ["yes, it is red.", "yes, it is red.", "no, there are 2 objects.",
+                                                   "yes"])
+    assert scores["colour"] == {"questions": 2, "answer": 0.5, "reason": 1.0, "agrees": 0.5}
+    assert scores["count"] == {"questions": 2, "answer": 0.5, "reason": 0.5, "agrees": 0.5}  # "yes" alone: no reason
+    assert "| B | colour | 2 | 0.500 | 1.000 | 0.500 |" in reason_table([{"arm": "B", "reasons": scores}])

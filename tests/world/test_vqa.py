@@ -16,6 +16,7 @@ from sharegpt4v.world import (
     WorldObject,
     vqa_items,
 )
+from sharegpt4v.world.vqa import reason_implies
 
 # How questions name cells, written out independently of the generator.
 CELLS = {
@@ -118,6 +119,46 @@ def test_yes_no_come_in_matched_pairs(scenes):
         categories = {m[0]["category"] for m in pairs.values()}
         expected = {"existence", "count", "position", "colour"} | ({"ocr"} if any(o.text for o in s.objects) else set())
         assert categories == expected
+
+
+def _reason_truth(scene: Scene, item: dict) -> str:
+    """The fact that decides a yes/no item, in the reason's phrasing, from the scene graph."""
+    q, cat = item["question"], item["category"]
+    if cat == "colour":
+        return f"it is {_cell(scene, q).colour}"
+    if cat == "position":
+        o = _named(scene, q)
+        return "it is " + next(p for p, cell in CELLS.items() if cell == (o.row, o.col))
+    if cat == "ocr":
+        return f'it says "{_named(scene, q).text}"'
+    if cat == "count":
+        m = re.fullmatch(r"(?:Are|Is) there exactly (?:\d+|one) (\w+) in the image\?", q)
+        if m[1] == "objects":
+            n = len(scene.objects)
+            return f"there {'is' if n == 1 else 'are'} {n} object{'' if n == 1 else 's'}"
+        shape = PLURALS.get(m[1], m[1])
+        n = scene.shape_counts().get(shape, 0)
+        return f"there is one {shape}" if n == 1 else f"there are {n} {m[1] if m[1] != shape else shape + 's'}"
+    m = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", q)
+    if item["answer"] == "yes":
+        return f"there is {'an' if m[1][0] in 'aeiou' else 'a'} {m[1]} {m[2]}"
+    near = [o for o in scene.objects if o.colour == m[1] or o.shape == m[2]]
+    return "there is " + " and ".join(f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.name}" for o in near)
+
+
+def test_yes_no_reasons_state_the_deciding_fact_and_imply_the_answer(scenes):
+    for s in scenes:
+        for item in _items(s):
+            if item["kind"] != "yesno":
+                assert "reason" not in item
+                continue
+            assert item["reason"] == _reason_truth(s, item), item
+            assert reason_implies(item["reason"], item["question"]) == item["answer"], item
+    # what a model says is read the same way; an answer that is no reason implies nothing
+    assert reason_implies("It is red.", "Is the circle in the center red?") == "yes"
+    assert reason_implies("it is blue", "Is the circle in the center red?") == "no"
+    assert reason_implies("there are 2 circles", "Are there exactly 3 circles in the image?") == "no"
+    assert reason_implies("yes", "Is the circle in the center red?") is None
 
 
 def test_multiple_choice_is_well_formed(scenes):
