@@ -261,7 +261,7 @@ class StageConfig:
     mix: dict[str, float] = dataclasses.field(default_factory=lambda: {"vqa": 1.0, "captions": 0.0, "conversations": 1.0})
     max_samples: int | None = None  # use at most this many training samples (tiny runs, smoke tests)
     # World yes/no items answered with the fact that decides them ("no, it is blue."): a probe of where
-    # yes/no fails (README, "SFT: when do the chat models learn yes/no?"); off in every profile.
+    # yes/no fails (README, "Where yes/no fails"); off in every profile.
     yes_no_reasons: bool = False
 
     @model_validator(mode="after")

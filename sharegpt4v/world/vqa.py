@@ -80,10 +80,6 @@ def reason_implies(reason: str, question: str) -> str | None:
     return "yes" if re.search(rf"(?<!\w){re.escape(text[len(lead):])}", question.lower()) else "no"
 
 
-def _there(n: int, noun: str, plural: str) -> str:
-    return f"there is one {noun}" if n == 1 else f"there are {n} {plural}"
-
-
 # (category, (yes question, its reason), (no question, its reason))
 YesNoPair = tuple[str, tuple[str, str], tuple[str, str]]
 
@@ -119,7 +115,7 @@ def _yes_no_pairs(scene: Scene, rng: random.Random) -> list[YesNoPair]:
         wrong = rng.choice([m for m in (n - 1, n + 1) if m >= 1] if n > 1 else [2, 3])
         yes_q = (f"Is there exactly one {shape} in the image?" if n == 1
                  else f"Are there exactly {n} {_plural(shape)} in the image?")
-        reason = _there(n, shape, _plural(shape))
+        reason = f"there is one {shape}" if n == 1 else f"there are {n} {_plural(shape)}"
         pairs.append(("count", (yes_q, reason), (f"Are there exactly {wrong} {_plural(shape)} in the image?", reason)))
 
     # position: the object's cell vs another cell.
