@@ -138,7 +138,7 @@ def _reason_truth(scene: Scene, item: dict) -> str:
             return f"there {'is' if n == 1 else 'are'} {n} object{'' if n == 1 else 's'}"
         shape = PLURALS.get(m[1], m[1])
         n = scene.shape_counts().get(shape, 0)
-        return f"there is one {shape}" if n == 1 else f"there are {n} {m[1] if m[1] != shape else shape + 's'}"
+        return f"there is one {shape}" if n == 1 else f"there are {n} {m[1]}"  # "exactly one X" is asked only when n == 1
     m = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", q)
     if item["answer"] == "yes":
         return f"there is {'an' if m[1][0] in 'aeiou' else 'a'} {m[1]} {m[2]}"
