@@ -260,9 +260,10 @@ class StageConfig:
     # conversation records that came with the dataset (an ingested LLaVA JSON).
     mix: dict[str, float] = dataclasses.field(default_factory=lambda: {"vqa": 1.0, "captions": 0.0, "conversations": 1.0})
     max_samples: int | None = None  # use at most this many training samples (tiny runs, smoke tests)
-    # World yes/no items answered with the fact that decides them ("no, it is blue."): a probe of where
-    # yes/no fails (README, "Where yes/no fails"); off in every profile.
-    yes_no_reasons: bool = False
+    # World yes/no items answered with the fact that decides them: "after" the answer word ("no, it is
+    # blue.") or "before" it ("it is blue, so no.": the comparison left in plain text). A probe of where
+    # yes/no fails (README, "Where yes/no fails"); "none" in every profile.
+    yes_no_reasons: Literal["none", "after", "before"] = "none"
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":

@@ -86,14 +86,17 @@ def cmd_experiment_probe_sft(args: argparse.Namespace) -> int:
     unknown = set(arms) - set(ARMS)
     if unknown or not arms:
         raise UsageError(f"--arms: unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
+    recipe = default_recipe(args.profile, args.overrides)
     try:
-        results = sft_probe(args.ablation, default_recipe(args.profile, args.overrides), arms, args.out, seed=args.seed,
-                            lanes=args.lanes)
+        results = sft_probe(args.ablation, recipe, arms, args.out, seed=args.seed, lanes=args.lanes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(sft_probe_table(results), end="")
     if any("reasons" in r for r in results):
         print("\nYes/no answered with reasons (sft.yes_no_reasons), test split:\n")
+        if recipe.sft.yes_no_reasons == "before":
+            print("(the perception columns above read the first word, as MME's parser does: answers that give their\n"
+                  "reason first score 0 there; the answer column below reads the word after the reason)\n")
         print(reason_table(results), end="")
     return 0
 

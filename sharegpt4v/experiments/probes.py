@@ -3,7 +3,8 @@
 - `sft_probe`: SFT (the recipe's, with the caller's overrides) from each arm's pretrained checkpoint of the
   ablation at `ablation`, evaluated on its whole test split, arms in parallel lanes. The README's SFT table
   (learning rates, steps; how often yes/no is learnt at all) comes from it.
-- `reason_check`: for an SFT run with `sft.yes_no_reasons` (yes/no answered "no, it is blue."), the test
+- `reason_check`: for an SFT run with `sft.yes_no_reasons` (yes/no answered "no, it is blue." or "it is blue,
+  so no."), the test
   split's yes/no questions answered at length: per category, is the answer word right, is the stated
   reason the world's, and does the answer agree with the model's own reason? (`sft_probe` runs it.)
 - `vision_probe`: a vision tower trained as the recipe's foundations say (e.g. another alt text) beside the
@@ -58,12 +59,12 @@ def _sft_lane(job: dict[str, Any]) -> dict[str, Any]:
     sft = launch("sft", recipe, StageInputs([job["world"]], split="val"), f"{job['out']}/sft", init=job["init"])
     metrics = flat_metrics(evaluate(sft.checkpoint_uri, recipe, dataset_uri=job["world"], out=f"{job['out']}/eval"))
     result = {"arm": job["arm"], "metrics": metrics}
-    if recipe.sft.yes_no_reasons:
+    if recipe.sft.yes_no_reasons != "none":
         result["reasons"] = reason_check(sft.checkpoint_uri, recipe, job["world"])
     return {**result, "minutes": (time.perf_counter() - started) / 60}
 
 
-def reason_check(checkpoint: str, recipe: RecipeConfig, world: str, max_new_tokens: int = 24) -> dict[str, dict[str, float]]:
+def reason_check(checkpoint: str, recipe: RecipeConfig, world: str, max_new_tokens: int = 32) -> dict[str, dict[str, float]]:
     """The model at `checkpoint` answers the test split's yes/no questions at length; `score_reasons` of it."""
     from sharegpt4v.evaluation.run import as_answerer
     from sharegpt4v.evaluation.world_vqa import WorldVQA, item_questions
@@ -77,9 +78,10 @@ def reason_check(checkpoint: str, recipe: RecipeConfig, world: str, max_new_toke
 
 
 def score_reasons(items: list[dict[str, Any]], texts: list[str]) -> dict[str, dict[str, float]]:
-    """{category: {"questions", "answer", "reason", "agrees"}} for answers like "no, it is blue.": the share
-    whose answer word is right, whose stated reason is the item's, and whose answer word is the one the
-    model's own reason implies (`reason_implies`; an answer without a readable reason does not agree)."""
+    """{category: {"questions", "answer", "reason", "agrees"}} for answers like "no, it is blue." or "it is
+    blue, so no.": the share whose answer word is right, whose stated reason is the item's, and whose
+    answer word is the one the model's own reason implies (`reason_implies`; an answer without a
+    readable reason does not agree)."""
     from collections import defaultdict
 
     from sharegpt4v.evaluation.common import parse_yes_no
@@ -87,10 +89,13 @@ def score_reasons(items: list[dict[str, Any]], texts: list[str]) -> dict[str, di
 
     counts: dict[str, dict[str, float]] = defaultdict(lambda: {"questions": 0, "answer": 0, "reason": 0, "agrees": 0})
     for item, text in zip(items, texts, strict=True):
-        word, _, stated = text.strip().partition(",")
+        if ", so " in text:  # the reason first
+            stated, _, word = text.strip().rpartition(", so ")
+        else:
+            word, _, stated = text.strip().partition(",")
         row = counts[item["category"]]
         row["questions"] += 1
-        row["answer"] += parse_yes_no(text) == item["answer"]
+        row["answer"] += parse_yes_no(word.strip()) == item["answer"]
         row["reason"] += stated.strip().rstrip(".").lower() == item["reason"].lower()
         row["agrees"] += reason_implies(stated, item["question"]) == parse_yes_no(word)
     return {c: {k: (v if k == "questions" else v / row["questions"]) for k, v in row.items()}

@@ -120,13 +120,13 @@ def vqa_prompt(item: dict[str, Any]) -> str:
     return f"{item['question']}\n{SHORT_ANSWER_SUFFIX}"
 
 
-def vqa_answer(item: dict[str, Any], reasons: bool = False) -> str:
-    """The trained answer: MC as its letter; with `reasons`, a yes/no item that carries its `reason`
-    (world items do) is answered with it, "no, it is blue." (the answer word stays first, where
-    MME's parser reads it)."""
+def vqa_answer(item: dict[str, Any], reasons: str = "none") -> str:
+    """The trained answer: MC as its letter; with `reasons` (`StageConfig.yes_no_reasons`), a yes/no
+    item that carries its `reason` (world items do) is answered with it: "after" gives "no, it is
+    blue." (the answer word first, where MME's parser reads it), "before" gives "it is blue, so no."."""
     answer = str(item["answer"])
-    if reasons and item.get("kind") == "yesno" and item.get("reason"):
-        return f"{answer}, {item['reason']}."
+    if reasons != "none" and item.get("kind") == "yesno" and item.get("reason"):
+        return f"{answer}, {item['reason']}." if reasons == "after" else f"{item['reason']}, so {answer}."
     if item.get("kind") in ("mc", "choice"):
         options = [str(o) for o in item.get("options") or []]
         if answer not in LETTERS[: len(options)] and answer in options:
@@ -134,7 +134,7 @@ def vqa_answer(item: dict[str, Any], reasons: bool = False) -> str:
     return answer
 
 
-def vqa_conversation(item: dict[str, Any], reasons: bool = False) -> list[dict[str, str]]:
+def vqa_conversation(item: dict[str, Any], reasons: str = "none") -> list[dict[str, str]]:
     return [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{vqa_prompt(item)}"},
             {"from": "gpt", "value": vqa_answer(item, reasons)}]
 
@@ -162,7 +162,7 @@ def normalise_conversation(turns: Any) -> list[dict[str, str]] | None:
 
 
 def example_conversation(kind: int, item: int, meta: dict[str, Any], caption: str | None,
-                         reasons: bool = False) -> list[dict[str, str]]:
+                         reasons: str = "none") -> list[dict[str, str]]:
     if kind == CAPTIONS:
         assert caption is not None
         return caption_conversation(caption)

@@ -138,7 +138,7 @@ def test_toy_ablation_end_to_end(tmp_path: Path, mlflow_sqlite: str) -> None:
     from sharegpt4v.data.shards import open_dataset, sample_meta
     from sharegpt4v.experiments.probes import sft_probe, sft_probe_table, vision_probe
 
-    probe = sft_probe(plan.out, load_recipe("tiny", [*TOY, "sft.learning_rate=1e-4", "sft.yes_no_reasons=true"]),
+    probe = sft_probe(plan.out, load_recipe("tiny", [*TOY, "sft.learning_rate=1e-4", "sft.yes_no_reasons=before"]),
                       ("A", "none"), str(tmp_path / "probe"), seed=1)
     assert [r["arm"] for r in probe] == ["A", "none"]
     # with reasons, each yes/no test question is also asked at length and its reason checked
@@ -186,3 +186,8 @@ def test_reason_scores_tell_seeing_from_comparing() -> None:
     assert scores["colour"] == {"questions": 2, "answer": 0.5, "reason": 1.0, "agrees": 0.5}
     assert scores["count"] == {"questions": 2, "answer": 0.5, "reason": 0.5, "agrees": 0.5}  # "yes" alone: no reason
     assert "| B | colour | 2 | 0.500 | 1.000 | 0.500 |" in reason_table([{"arm": "B", "reasons": scores}])
+    # the reason first ("it is red, so no."): the answer word is the one after it
+    first = score_reasons([red, blue, two], ["it is red, so yes.", "it is red, so no.", "there are 3 objects, so yes."])
+    assert first["colour"] == {"questions": 2, "answer": 1.0, "reason": 1.0, "agrees": 1.0}
+    # a wrong reason, and an answer word that follows from it
+    assert first["count"] == {"questions": 1, "answer": 0.0, "reason": 0.0, "agrees": 1.0}

@@ -153,19 +153,22 @@ def test_sft_vqa_labels_decode_to_the_answers(world: str) -> None:
     assert set(kinds) == {"yesno", "mc", "short"}
 
 
-def test_yes_no_reasons_answer_with_the_deciding_fact(world: str) -> None:
-    stage = recipe("sft.yes_no_reasons=true").sft
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_yes_no_reasons_answer_with_the_deciding_fact(world: str, where: str) -> None:
+    stage = recipe(f"sft.yes_no_reasons={where}").sft
     meta = world_meta(world)
     kinds = Counter()
     for ex in take(build_index("sft", stage, StageInputs([world])), stage, 60):
         item = next(i for i in meta[ex.id.rpartition("-q")[0]]["vqa"] if i["qid"] == ex.id)
         kinds[item["kind"]] += 1
-        want = f"{item['answer']}, {item['reason']}." if item["kind"] == "yesno" else item["answer"]
+        want = item["answer"]
+        if item["kind"] == "yesno":
+            want = f"{item['answer']}, {item['reason']}." if where == "after" else f"{item['reason']}, so {item['answer']}."
         assert supervised_text(ex.conversation, "vicuna_v1") == want + "</s>"  # the prompt is unchanged
         assert ex.conversation[0]["value"].endswith(CHOICE_SUFFIX if item["kind"] == "mc" else SHORT_ANSWER_SUFFIX)
     assert kinds["yesno"] > 0 and kinds["short"] > 0
     # an item without a reason (an ingested dataset's) keeps its plain answer
-    assert vqa_conversation({"kind": "yesno", "question": "Is it red?", "answer": "yes"}, reasons=True)[1]["value"] == "yes"
+    assert vqa_conversation({"kind": "yesno", "question": "Is it red?", "answer": "yes"}, reasons=where)[1]["value"] == "yes"
 
 
 def test_sft_mix_weights_are_respected(world: str, llava_json: str) -> None:
