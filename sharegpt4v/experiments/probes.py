@@ -64,8 +64,9 @@ def _sft_lane(job: dict[str, Any]) -> dict[str, Any]:
     return {**result, "minutes": (time.perf_counter() - started) / 60}
 
 
-def reason_check(checkpoint: str, recipe: RecipeConfig, world: str, max_new_tokens: int = 32) -> dict[str, dict[str, float]]:
-    """The model at `checkpoint` answers the test split's yes/no questions at length; `score_reasons` of it."""
+def reason_check(checkpoint: str, recipe: RecipeConfig, world: str, max_new_tokens: int = 32) -> dict[str, Any]:
+    """The model at `checkpoint` answers the test split's yes/no questions at length: {"categories":
+    `score_reasons` with each category's MME-style "score" of the answer words, "perception": their mean}."""
     from sharegpt4v.evaluation.run import as_answerer
     from sharegpt4v.evaluation.world_vqa import WorldVQA, item_questions
 
@@ -73,8 +74,30 @@ def reason_check(checkpoint: str, recipe: RecipeConfig, world: str, max_new_toke
              if item["kind"] == "yesno" and item.get("reason")]
     answerer, _ = as_answerer(checkpoint, recipe)
     answerer.max_new_tokens = max_new_tokens
-    texts = answerer.answer([item_questions(item, image)[0] for item, image in pairs])
-    return score_reasons([item for item, _ in pairs], texts)
+    questions = [item_questions(item, image)[0] for item, image in pairs]
+    texts = answerer.answer(questions)
+    scores = score_reasons([item for item, _ in pairs], texts)
+    words = score_answer_words(questions, texts)
+    for category, row in scores.items():
+        row["score"] = words["yesno"]["categories"][category]["score"]
+    return {"perception": words["perception"], "categories": scores}
+
+
+def score_answer_words(questions: list[Any], texts: list[str]) -> dict[str, Any]:
+    """`score_world` of the answer words wherever they stand in reasoned answers (MME's parser reads only
+    the first word: 0 for "it is blue, so no.")."""
+    from sharegpt4v.evaluation.world_vqa import score_world
+
+    return score_world(questions, [split_reasoned(t)[0] for t in texts])
+
+
+def split_reasoned(text: str) -> tuple[str, str]:
+    """(answer word, stated reason) of "no, it is blue." or "it is blue, so no."."""
+    if ", so " in text:  # the reason first
+        stated, _, word = text.strip().rpartition(", so ")
+    else:
+        word, _, stated = text.strip().partition(",")
+    return word.strip(), stated.strip()
 
 
 def score_reasons(items: list[dict[str, Any]], texts: list[str]) -> dict[str, dict[str, float]]:
@@ -89,14 +112,11 @@ def score_reasons(items: list[dict[str, Any]], texts: list[str]) -> dict[str, di
 
     counts: dict[str, dict[str, float]] = defaultdict(lambda: {"questions": 0, "answer": 0, "reason": 0, "agrees": 0})
     for item, text in zip(items, texts, strict=True):
-        if ", so " in text:  # the reason first
-            stated, _, word = text.strip().rpartition(", so ")
-        else:
-            word, _, stated = text.strip().partition(",")
+        word, stated = split_reasoned(text)
         row = counts[item["category"]]
         row["questions"] += 1
-        row["answer"] += parse_yes_no(word.strip()) == item["answer"]
-        row["reason"] += stated.strip().rstrip(".").lower() == item["reason"].lower()
+        row["answer"] += parse_yes_no(word) == item["answer"]
+        row["reason"] += stated.rstrip(".").lower() == item["reason"].lower()
         row["agrees"] += reason_implies(stated, item["question"]) == parse_yes_no(word)
     return {c: {k: (v if k == "questions" else v / row["questions"]) for k, v in row.items()}
             for c, row in sorted(counts.items())}
@@ -104,12 +124,15 @@ def score_reasons(items: list[dict[str, Any]], texts: list[str]) -> dict[str, di
 
 def reason_table(results: list[dict[str, Any]]) -> str:
     """The reason check of each probed arm, a row per yes/no category."""
-    lines = ["| arm | category | questions | answer right | reason right | answer agrees with its reason |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| arm | category | questions | answer right | reason right | answer agrees with its reason | "
+             "MME-style score of the answer words |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        for category, row in r.get("reasons", {}).items():
+        if "reasons" not in r:
+            continue
+        for category, row in r["reasons"]["categories"].items():
             lines.append(f"| {r['arm']} | {category} | {row['questions']:.0f} | {row['answer']:.3f} | "
-                         f"{row['reason']:.3f} | {row['agrees']:.3f} |")
+                         f"{row['reason']:.3f} | {row['agrees']:.3f} | {row.get('score', float('nan')):.1f} |")
+        lines.append(f"| {r['arm']} | perception (0-100) | | | | | {r['reasons']['perception']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -144,8 +144,12 @@ def test_toy_ablation_end_to_end(tmp_path: Path, mlflow_sqlite: str) -> None:
     # with reasons, each yes/no test question is also asked at length and its reason checked
     test_items = [i for s in open_dataset(f"{plan.out}/world").samples("test") for i in sample_meta(s)["vqa"]]
     for r in probe:
-        assert set(r["reasons"]) == {"existence", "count", "position", "colour"}
-        assert sum(row["questions"] for row in r["reasons"].values()) == sum(i["kind"] == "yesno" for i in test_items)
+        categories = r["reasons"]["categories"]
+        assert set(categories) == {"existence", "count", "position", "colour"}
+        assert sum(row["questions"] for row in categories.values()) == sum(i["kind"] == "yesno" for i in test_items)
+        # the answer words after the reasons, scored MME's way (acc + acc+ per pair) like the headline
+        assert all(0.0 <= row["score"] <= 100.0 for row in categories.values())
+        assert r["reasons"]["perception"] == pytest.approx(sum(row["score"] for row in categories.values()) / 4)
     assert all(0.0 <= r["metrics"]["world-vqa.perception"] <= 100.0 for r in probe)
     assert "| A | " in sft_probe_table(probe)
     made = {arm: json.loads((tmp_path / "probe" / arm / "sft" / "final" / "manifest.json").read_text())
@@ -174,7 +178,8 @@ def test_linear_probe_reads_a_separable_label_and_not_noise() -> None:
 
 
 def test_reason_scores_tell_seeing_from_comparing() -> None:
-    from sharegpt4v.experiments.probes import reason_table, score_reasons
+    from sharegpt4v.evaluation.world_vqa import item_questions
+    from sharegpt4v.experiments.probes import reason_table, score_answer_words, score_reasons
 
     red = {"category": "colour", "question": "Is the circle in the center red?", "reason": "it is red", "answer": "yes"}
     blue = {**red, "question": "Is the circle in the center blue?", "answer": "no"}
@@ -185,9 +190,15 @@ def test_reason_scores_tell_seeing_from_comparing() -> None:
                                                    "yes"])
     assert scores["colour"] == {"questions": 2, "answer": 0.5, "reason": 1.0, "agrees": 0.5}
     assert scores["count"] == {"questions": 2, "answer": 0.5, "reason": 0.5, "agrees": 0.5}  # "yes" alone: no reason
-    assert "| B | colour | 2 | 0.500 | 1.000 | 0.500 |" in reason_table([{"arm": "B", "reasons": scores}])
+    table = reason_table([{"arm": "B", "reasons": {"perception": 25.0, "categories": scores}}])
+    assert "| B | colour | 2 | 0.500 | 1.000 | 0.500 | nan |" in table and "| B | perception (0-100) | | | | | 25.0 |" in table
     # the reason first ("it is red, so no."): the answer word is the one after it
     first = score_reasons([red, blue, two], ["it is red, so yes.", "it is red, so no.", "there are 3 objects, so yes."])
     assert first["colour"] == {"questions": 2, "answer": 1.0, "reason": 1.0, "agrees": 1.0}
     # a wrong reason, and an answer word that follows from it
     assert first["count"] == {"questions": 1, "answer": 0.0, "reason": 0.0, "agrees": 1.0}
+    # the answer words after the reasons, scored MME's way: the pair (red: yes, blue: no) is right
+    pair = [{**red, "qid": "s-q0", "kind": "yesno", "pair": "s-pcolour"}, {**blue, "qid": "s-q1", "kind": "yesno", "pair": "s-pcolour"}]
+    questions = [q for item in pair for q in item_questions(item, None)]
+    assert score_answer_words(questions, ["it is red, so yes.", "it is red, so no."])["perception"] == 100.0
+    assert score_answer_words(questions, ["it is red, so yes.", "it is red, so yes."])["perception"] == 25.0
