@@ -4,9 +4,9 @@
   ablation at `ablation`, evaluated on its whole test split, arms in parallel lanes. The README's SFT table
   (learning rates, steps; how often yes/no is learnt at all) comes from it.
 - `reason_check`: for an SFT run with `sft.yes_no_reasons` (yes/no answered "no, it is blue." or "it is blue,
-  so no."), the test
-  split's yes/no questions answered at length: per category, is the answer word right, is the stated
-  reason the world's, and does the answer agree with the model's own reason? (`sft_probe` runs it.)
+  so no."), the test split's yes/no questions answered at length: per category, is the answer word right,
+  is the stated reason the world's, does the answer agree with the model's own reason, and the MME-style
+  score of the answer words wherever they stand? (`sft_probe` runs it.)
 - `vision_probe`: a vision tower trained as the recipe's foundations say (e.g. another alt text) beside the
   ablation's own tower, both read by linear probes of what a caption states about the whole image
   (background colour, texture): does the tower see it at all?
