@@ -13,7 +13,7 @@ import time
 import boto3
 import pytest
 
-from sharegpt4v import storage
+from sharegpt4v import storage, storage_s3
 from sharegpt4v.storage import (
     BucketNotFound,
     CredentialsError,
@@ -215,7 +215,7 @@ def test_killed_multipart_upload_leaves_nothing_visible_s3(proxy, s3_uri: str) -
     assert list(store.list()) == []
     # The unfinished upload exists server-side but is invisible to readers.
     bucket, prefix = s3_uri[5:].split("/", 1)
-    uploads = storage.s3_client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    uploads = storage_s3.s3_client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
     assert [u["Key"] for u in uploads] == [f"{prefix}/big.bin"]
 
 
@@ -269,7 +269,7 @@ def _three_objects(s3_uri: str):
 
 
 def test_delete_prefix_retries_keys_that_failed_transiently(proxy, s3_uri: str, monkeypatch) -> None:
-    monkeypatch.setattr(storage, "_backoff_delay", lambda attempt: 0.0)
+    monkeypatch.setattr(storage_s3, "_backoff_delay", lambda attempt: 0.0)
     store, failing = _three_objects(s3_uri)
     calls = _fail_deletes(proxy, failing, "InternalError", times=2)
     assert store.delete_prefix("dir") == 3
@@ -278,7 +278,7 @@ def test_delete_prefix_retries_keys_that_failed_transiently(proxy, s3_uri: str, 
 
 
 def test_delete_prefix_raises_on_a_key_that_failed(proxy, s3_uri: str, monkeypatch) -> None:
-    monkeypatch.setattr(storage, "_backoff_delay", lambda attempt: 0.0)
+    monkeypatch.setattr(storage_s3, "_backoff_delay", lambda attempt: 0.0)
     store, failing = _three_objects(s3_uri)
     calls = _fail_deletes(proxy, failing, "AccessDenied", times=1)
     with pytest.raises(StoreError, match=rf"1 of 3 objects not deleted; first: s3://test-bucket/{failing} "

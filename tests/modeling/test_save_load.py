@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from sharegpt4v import storage
+from sharegpt4v import storage, storage_s3
 from sharegpt4v.modeling.builder import CheckpointError, load_model, save_model
 from sharegpt4v.modeling.images import preprocess
 from sharegpt4v.modeling.inference import InferenceEngine
@@ -30,7 +30,7 @@ def test_round_trip_gives_identical_logits_and_writes_the_manifest_last(
 ) -> None:
     monkeypatch.setenv("SHAREGPT4V_CACHE", str(tmp_path / "cache"))
     written: list[str] = []
-    for cls in (storage.LocalStore, storage.S3Store):
+    for cls in (storage.LocalStore, storage_s3.S3Store):
         original = cls.put_file
 
         def spy(self: Any, key: str, local_path: Any, _original: Any = original) -> None:
