@@ -3,8 +3,10 @@
 - `MajorityAnswerer`: a text-only baseline fitted on training questions. A question's template is its
   text with the object words (colours, shapes) masked; it answers the most common answer of its
   template in the training items (multiple choice: the presented option that was most often right),
-  falling back to the most common answer of its kind and category. Numbers stay in the template, so
-  it exploits what a language prior can ("exactly 4 objects" is always "no" in a 1-3 object world).
+  falling back to the most common answer of its kind and category. Numbers and cells stay in the
+  template, so it exploits what a language prior can: "How many crosses are there?" is usually "0";
+  a world whose yes/no wording gave answers away would show here (the world's pairs do not: a count
+  pair asks one number about two shapes).
 - `BlankImageAnswerer`: any answerer, asked with a blank image (CLIP's mean colour) instead of the
   real one: the arm's own model without its eyes.
 """

@@ -2,8 +2,12 @@
 MMBench-style 4-option multiple choice, and short answers.
 
 Each yes/no item also carries its `reason`: the fact of the scene that decides it ("it is red",
-"there are 2 objects"), phrased so that the answer is "yes" exactly when the fact after its lead
+"there are 2 squares"), phrased so that the answer is "yes" exactly when the fact after its lead
 ("it is", "there is", "there are", "it says") appears in the question (`reason_implies`).
+
+A pair's two questions differ in one detail, as MME's do: the colour or object asked about, the
+number's shape, the cell; with the object words masked, a colour, existence or count pair reads the
+same, so its wording alone does not give the answer away (`evaluation.blind`).
 
 Every question names objects unambiguously: by "colour shape" (unique in a scene) or by grid
 cell (one object per cell), never by shape alone unless that shape occurs once.
@@ -101,22 +105,16 @@ def _yes_no_pairs(scene: Scene, rng: random.Random) -> list[YesNoPair]:
                   (f"Is there {with_article(missing)} in the image?",
                    "there is " + " and ".join(with_article(x.name) for x in near))))
 
-    # count: the exact total (or the exact count of one shape) vs an off-by-one.
+    # count: one number asked about two shapes, one that occurs that many times and one that does not
+    # (absent, or another count). The pair differs only in the shape, as colour and existence pairs
+    # differ only in the colour or object, so the number asked does not give the answer away (asking one
+    # shape about n and n +- 1 did: "Is there exactly one X?" was always "yes", "exactly 4" always "no").
     counts = scene.shape_counts()
-    if rng.random() < 0.5:
-        n = len(objs)
-        wrong = rng.choice([m for m in (n - 1, n + 1) if m >= 1])
-        reason = f"there is {n} object" if n == 1 else f"there are {n} objects"
-        pairs.append(("count", (f"Are there exactly {n} objects in the image?", reason),
-                      (f"Are there exactly {wrong} objects in the image?", reason)))
-    else:
-        shape = rng.choice(sorted(counts))
-        n = counts[shape]
-        wrong = rng.choice([m for m in (n - 1, n + 1) if m >= 1] if n > 1 else [2, 3])
-        yes_q = (f"Is there exactly one {shape} in the image?" if n == 1
-                 else f"Are there exactly {n} {_plural(shape)} in the image?")
-        reason = f"there is one {shape}" if n == 1 else f"there are {n} {_plural(shape)}"
-        pairs.append(("count", (yes_q, reason), (f"Are there exactly {wrong} {_plural(shape)} in the image?", reason)))
+    shape = rng.choice(sorted(counts))
+    n = counts[shape]
+    other = rng.choice([s for s in SHAPES if counts.get(s, 0) != n])
+    pairs.append(("count", (_count_question(n, shape), _count_reason(n, shape)),
+                  (_count_question(n, other), _count_reason(counts.get(other, 0), other))))
 
     # position: the object's cell vs another cell.
     o = rng.choice(objs)
@@ -141,6 +139,14 @@ def _yes_no_pairs(scene: Scene, rng: random.Random) -> list[YesNoPair]:
         pairs.append(("ocr", (f'Is the word "{o.text}" written on the {o.name}?', reason),
                       (f'Is the word "{wrong_word}" written on the {o.name}?', reason)))
     return pairs
+
+
+def _count_question(n: int, shape: str) -> str:
+    return f"Is there exactly one {shape} in the image?" if n == 1 else f"Are there exactly {n} {_plural(shape)} in the image?"
+
+
+def _count_reason(n: int, shape: str) -> str:
+    return {0: f"there is no {shape}", 1: f"there is one {shape}"}.get(n, f"there are {n} {_plural(shape)}")
 
 
 def _multiple_choice(scene: Scene, rng: random.Random) -> list[tuple[str, str, str, list[str]]]:
