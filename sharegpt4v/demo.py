@@ -111,7 +111,7 @@ def _ask_served_models(result: dict[str, Any], workdir: Path, console: Console, 
     from sharegpt4v.evaluation.common import normalize_short, parse_yes_no
     from sharegpt4v.serving import client
     from sharegpt4v.serving.triton import start_triton
-    from sharegpt4v.training.data import vqa_prompt
+    from sharegpt4v.training.conversations import vqa_prompt
     from sharegpt4v.world import Scene, score_caption
 
     sample = _held_out_sample(result["world"])

@@ -4,11 +4,9 @@ An *index pass* streams the shards once and keeps, per training example, four sm
 (shard, position of the sample in its shard, kind, item). Image bytes are never kept beyond
 the current window; a caption set is held as an id -> caption dict.
 
-Kinds of examples (all LLaVA conversations `[{"from": "human", ...}, {"from": "gpt", ...}]`):
-- ``captions``: the fixed captioner instruction + a caption (a caption set joined by id, or the
-  world sample's `stage.caption_field`); the `plain` template keeps only the image and caption;
-- ``vqa``: one world VQA item as a single-turn conversation with the paper's prompt suffixes;
-- ``conversations``: the conversation records that came with an ingested LLaVA JSON.
+Kinds of examples (LLaVA conversations, built in `training.conversations`): ``captions`` (a caption
+set joined by id, or the world sample's `stage.caption_field`), ``vqa`` (one world VQA item) and
+``conversations`` (the records that came with an ingested LLaVA JSON).
 
 Order: every epoch shuffles the shards and, within windows of a few shards, the examples
 (seeded by `recipe.seed` and the epoch). Rank `r` of `W` takes the `r`-th contiguous block of
@@ -34,16 +32,24 @@ import torch
 
 from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
 from sharegpt4v.modeling.images import to_tensor
-from sharegpt4v.modeling.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, SYSTEM_PROMPT, encode_conversation
+from sharegpt4v.modeling.templates import IGNORE_INDEX, SYSTEM_PROMPT, encode_conversation
+from sharegpt4v.training.conversations import (
+    CAPTIONS,
+    CHOICE_SUFFIX,
+    CONVERSATIONS,
+    KINDS,
+    SHORT_ANSWER_SUFFIX,
+    VQA,
+    example_conversation,
+    example_id,
+    normalise_conversation,
+    valid_vqa,
+    vqa_answer,
+    vqa_prompt,
+)
 
 log = logging.getLogger("sharegpt4v.training")
 
-SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
-CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-KINDS = ("captions", "vqa", "conversations")
-CAPTIONS, VQA, CONVERSATIONS = 0, 1, 2
 WINDOW_SHARDS = 4  # shards whose examples are shuffled together (bounds the images held in memory)
 _CORPUS_LIMIT = 20_000  # texts kept for training a tokenizer when the model is built from config
 _FLAG_EXAMPLES = 5  # ids quoted in the log line about flagged samples
@@ -101,84 +107,6 @@ class DataIndex:
         for ex in self.examples:
             h.update(b"%d,%d,%d,%d;" % ex)
         return h.hexdigest()[:32]
-
-
-# conversations ---------------------------------------------------------------------------------
-
-
-def caption_conversation(caption: str, instruction: str = CAPTION_INSTRUCTION) -> list[dict[str, str]]:
-    return [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{instruction}"}, {"from": "gpt", "value": caption}]
-
-
-def vqa_prompt(item: dict[str, Any]) -> str:
-    """The paper's evaluation prompts: short/yes-no get the short suffix; choices list `A. ...`."""
-    kind = item.get("kind")
-    if kind in ("mc", "choice"):
-        options = item.get("options") or []
-        block = "".join(f"\n{LETTERS[i]}. {option}" for i, option in enumerate(options))
-        return f"{item['question']}{block}\n{CHOICE_SUFFIX}"
-    return f"{item['question']}\n{SHORT_ANSWER_SUFFIX}"
-
-
-def vqa_answer(item: dict[str, Any], reasons: str = "none") -> str:
-    """The trained answer: MC as its letter; with `reasons` (`StageConfig.yes_no_reasons`), a yes/no
-    item that carries its `reason` (world items do) is answered with it: "after" gives "no, it is
-    blue." (the answer word first, where MME's parser reads it), "before" gives "it is blue, so no."."""
-    answer = str(item["answer"])
-    if reasons != "none" and item.get("kind") == "yesno" and item.get("reason"):
-        return f"{answer}, {item['reason']}." if reasons == "after" else f"{item['reason']}, so {answer}."
-    if item.get("kind") in ("mc", "choice"):
-        options = [str(o) for o in item.get("options") or []]
-        if answer not in LETTERS[: len(options)] and answer in options:
-            answer = LETTERS[options.index(answer)]  # an answer given as the option's text
-    return answer
-
-
-def vqa_conversation(item: dict[str, Any], reasons: str = "none") -> list[dict[str, str]]:
-    return [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{vqa_prompt(item)}"},
-            {"from": "gpt", "value": vqa_answer(item, reasons)}]
-
-
-def _valid_vqa(item: Any) -> bool:
-    return isinstance(item, dict) and bool(str(item.get("question", "")).strip()) and item.get("answer") not in (None, "")
-
-
-def normalise_conversation(turns: Any) -> list[dict[str, str]] | None:
-    """An ingested conversation with exactly one `<image>` (in the first human turn), or None if malformed."""
-    if not isinstance(turns, list) or not turns or len(turns) % 2:
-        return None
-    out = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") != ("human" if i % 2 == 0 else "gpt"):
-            return None
-        value = turn.get("value")
-        if not isinstance(value, str):
-            return None
-        out.append({"from": turn["from"], "value": value.replace(IMAGE_PLACEHOLDER, "").strip()})
-    if not any(t["value"] for t in out[1::2]):
-        return None
-    out[0]["value"] = f"{IMAGE_PLACEHOLDER}\n{out[0]['value']}"
-    return out
-
-
-def example_conversation(kind: int, item: int, meta: dict[str, Any], caption: str | None,
-                         reasons: str = "none") -> list[dict[str, str]]:
-    if kind == CAPTIONS:
-        assert caption is not None
-        return caption_conversation(caption)
-    if kind == VQA:
-        return vqa_conversation(meta["vqa"][item], reasons)
-    conversation = normalise_conversation(meta.get("conversations"))
-    assert conversation is not None  # checked by the index pass
-    return conversation
-
-
-def example_id(kind: int, item: int, sample_id: str, meta: dict[str, Any]) -> str:
-    if kind == CAPTIONS:
-        return sample_id
-    if kind == VQA:
-        return str(meta["vqa"][item].get("qid") or f"{sample_id}/q{item}")
-    return f"{sample_id}/conversation"
 
 
 # the index pass --------------------------------------------------------------------------------
@@ -310,7 +238,7 @@ def build_index(stage_name: str, stage: Any, inputs: StageInputs, seed: int = 0)
 def _texts(meta: dict[str, Any]) -> list[str]:
     texts = [meta[k] for k in ("detailed_caption", "brief_caption") if isinstance(meta.get(k), str)]
     for item in meta.get("vqa") or []:
-        if _valid_vqa(item):
+        if valid_vqa(item):
             texts.append(f"{vqa_prompt(item)} {vqa_answer(item)}")
     for turn in meta.get("conversations") or []:
         if isinstance(turn, dict) and isinstance(turn.get("value"), str):
@@ -332,7 +260,7 @@ def _index_sample(shard: int, ordinal: int, sid: str, meta: dict[str, Any], stag
             counts[f"skipped.no_{stage.caption_field}"] += 1
     if VQA in want:
         for j, item in enumerate(meta.get("vqa") or []):
-            if _valid_vqa(item):
+            if valid_vqa(item):
                 pools[VQA].append((shard, ordinal, VQA, j))
             else:
                 counts["skipped.malformed_vqa"] += 1

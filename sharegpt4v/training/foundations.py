@@ -81,7 +81,7 @@ def scene_statement(scene: dict[str, Any], rng: random.Random) -> str:
 
 def text_qa_conversation(statement: str, item: dict[str, Any]) -> list[dict[str, str]]:
     """A text-only chat: the statement stands where the image will, then the question as the chat models get it."""
-    from sharegpt4v.training.data import vqa_answer, vqa_prompt
+    from sharegpt4v.training.conversations import vqa_answer, vqa_prompt
 
     return [{"from": "human", "value": f"{statement}\n{vqa_prompt(item)}"}, {"from": "gpt", "value": vqa_answer(item)}]
 
@@ -107,7 +107,7 @@ class WorldImages:
 def load_world_images(dataset_uri: str, split: str, image_size: int, limit: int | None = None) -> WorldImages:
     from sharegpt4v.data.shards import open_dataset, sample_image, sample_meta
     from sharegpt4v.modeling.images import to_tensor
-    from sharegpt4v.training.data import vqa_answer, vqa_prompt
+    from sharegpt4v.training.conversations import vqa_answer, vqa_prompt
 
     pixels, scenes, texts, questions = [], [], [], []
     for sample in open_dataset(dataset_uri).samples(split):
@@ -206,7 +206,7 @@ def train_language_model(recipe: Any, texts: list[str], seed: int = 0) -> tuple[
     from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
     from sharegpt4v.modeling.templates import SYSTEM_PROMPT
     from sharegpt4v.modeling.tokenizer import train_tokenizer
-    from sharegpt4v.training.data import CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX
+    from sharegpt4v.training.conversations import CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX
 
     lang, f = recipe.model.language, recipe.foundations
     tokenizer = train_tokenizer([*texts, SYSTEM_PROMPT, CAPTION_INSTRUCTION, SHORT_ANSWER_SUFFIX, CHOICE_SUFFIX],

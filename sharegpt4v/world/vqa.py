@@ -112,9 +112,13 @@ def _yes_no_pairs(scene: Scene, rng: random.Random) -> list[YesNoPair]:
     counts = scene.shape_counts()
     shape = rng.choice(sorted(counts))
     n = counts[shape]
-    other = rng.choice([s for s in SHAPES if counts.get(s, 0) != n])
-    pairs.append(("count", (_count_question(n, shape), _count_reason(n, shape)),
-                  (_count_question(n, other), _count_reason(counts.get(other, 0), other))))
+    others = [s for s in SHAPES if counts.get(s, 0) != n]
+    if others:
+        other = rng.choice(others)
+        no = (_count_question(n, other), _count_reason(counts.get(other, 0), other))
+    else:  # every shape occurs n times (a crowded scene): one more than there is
+        no = (_count_question(n + 1, shape), _count_reason(n, shape))
+    pairs.append(("count", (_count_question(n, shape), _count_reason(n, shape)), no))
 
     # position: the object's cell vs another cell.
     o = rng.choice(objs)

@@ -13,11 +13,8 @@ from sharegpt4v.captioning.records import CAPTION_INSTRUCTION
 from sharegpt4v.config import load_recipe
 from sharegpt4v.data.shards import open_dataset, sample_meta
 from sharegpt4v.modeling.templates import IGNORE_INDEX, SYSTEM_PROMPT, encode_conversation
+from sharegpt4v.training.conversations import CAPTIONS, CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, VQA, vqa_conversation
 from sharegpt4v.training.data import (
-    CAPTIONS,
-    CHOICE_SUFFIX,
-    SHORT_ANSWER_SUFFIX,
-    VQA,
     Position,
     RawExample,
     StageInputs,
@@ -25,7 +22,6 @@ from sharegpt4v.training.data import (
     encode_examples,
     iter_examples,
     rank_windows,
-    vqa_conversation,
 )
 from tests.modeling.fixtures import IMAGE_TOKENS
 from tests.training.conftest import is_error, seed_caption

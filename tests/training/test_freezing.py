@@ -9,7 +9,8 @@ import torch
 
 from sharegpt4v.config import load_recipe
 from sharegpt4v.modeling.builder import build_empty
-from sharegpt4v.training.data import Position, RawExample, caption_conversation, encode_examples
+from sharegpt4v.training.conversations import caption_conversation
+from sharegpt4v.training.data import Position, RawExample, encode_examples
 from sharegpt4v.training.freezing import apply_freezing, used_vision_layers, vision_layers
 from tests.modeling.fixtures import IMAGE_SIZE, IMAGE_TOKENS, png, tiny_model
 

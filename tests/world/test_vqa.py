@@ -143,6 +143,17 @@ def test_a_blind_reader_cannot_tell_a_pair_apart_by_its_wording(scenes):
     assert {"one", "2"} <= set(asked)  # every count a scene can have is asked about, "no" as often as "yes"
 
 
+def test_a_scene_with_every_shape_once_still_gets_a_count_pair():
+    """No shape has another count to ask about: the "no" question asks one more of the same shape."""
+    objects = tuple(WorldObject(shape, COLOURS[i], "small", i // 3, i % 3) for i, shape in enumerate(SHAPES))
+    scene = Scene("crowded", "photo", STYLES[0], "white", "plain", objects)
+    items = [i for i in _items(scene) if i["category"] == "count" and i["kind"] == "yesno"]
+    assert sorted(i["answer"] for i in items) == ["no", "yes"]
+    for item in items:
+        assert item["answer"] == _truth(scene, item) and item["reason"] == _reason_truth(scene, item)
+        assert reason_implies(item["reason"], item["question"]) == item["answer"]
+
+
 def _reason_truth(scene: Scene, item: dict) -> str:
     """The fact that decides a yes/no item, in the reason's phrasing, from the scene graph."""
     q, cat = item["question"], item["category"]
