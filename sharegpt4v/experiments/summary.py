@@ -4,6 +4,7 @@ paper's claims checked as targets; as JSON, a Markdown table, a chart and one ML
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from typing import Any
 
@@ -78,6 +79,17 @@ def _mean(summary: dict[str, Any], row: str, metric: str = "world-vqa.perception
     return entry["values"][metric]["mean"] if entry and metric in entry["values"] else None
 
 
+def _difference_se(summary: dict[str, Any], first: str, second: str, metric: str = "world-vqa.perception") -> float:
+    """Standard error of the difference of two rows' means: each row's own (the test split's, or the
+    spread of its seeds' means when larger)."""
+    def se(row: str) -> float:
+        entry = summary["rows"][row]
+        spread = entry["values"][metric]["std"] / math.sqrt(len(entry.get("seeds") or [None]))
+        return max(float(entry.get("se", {}).get(metric, 0.0)), spread)
+
+    return math.hypot(se(first), se(second))
+
+
 def targets(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each of the issue's targets that the run can check: its value and whether it holds."""
     out: dict[str, dict[str, Any]] = {}
@@ -89,8 +101,10 @@ def targets(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
                    - max(_mean(summary, r, f"world-vqa.yesno.categories.{c}.score") for r in blinds) for c in PERCEPTION}
         out["B above blind"] = {"value": margins, "met": all(m > 0 for m in margins.values())}
         if d is not None:
-            share = (d - a) / (b - a) if b != a else float("nan")  # no gain to keep when B does not beat A
-            out["D share of B's gain"] = {"value": share, "met": b > a and share >= 0.7}
+            # A share of noise is no share: B's gain must exceed twice the standard error of B - A first.
+            share = (d - a) / (b - a) if b != a else float("nan")
+            out["D share of B's gain"] = {"value": share, "met": b - a > 2 * _difference_se(summary, "A", "B")
+                                          and share >= 0.7}
         if shuffled is not None:
             out["shuffled <= A"] = {"value": shuffled - a, "met": shuffled <= a}
     short_a, short_b, short_d = (_mean(summary, arm, "world-vqa.short.acc") for arm in ("A", "B", "D"))

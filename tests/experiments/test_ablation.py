@@ -90,6 +90,11 @@ def test_targets_read_the_paper_s_claims_off_the_rows() -> None:
     # short answers are reported beside the targets, never counted as met
     assert t["B - A short answers"] == {"value": pytest.approx(0.2), "met": None}
     assert t["D share of B's short-answer gain"]["value"] == pytest.approx(0.5)
+    # A gain within the noise has no share to keep: B 1 point over A, each ± 1.2, D 4 over A.
+    noisy = {arm: {**row(p, **cats), "se": {"world-vqa.perception": 1.2}, "seeds": [0]}
+             for arm, p in (("A", 27.6), ("B", 28.6), ("D", 31.6))}
+    share = targets({"rows": {**summary["rows"], **noisy}})["D share of B's gain"]
+    assert share["value"] == pytest.approx(4.0) and not share["met"]
 
 
 @pytest.mark.slow
