@@ -6,8 +6,8 @@ Each yes/no item also carries its `reason`: the fact of the scene that decides i
 ("it is", "there is", "there are", "it says") appears in the question (`reason_implies`).
 
 A pair's two questions differ in one detail, as MME's do: the colour or object asked about, the
-number's shape, the cell; with the object words masked, a colour, existence or count pair reads the
-same, so its wording alone does not give the answer away (`evaluation.blind`).
+shape whose count is asked, the cell; with the object words masked, a colour, existence or count pair
+reads the same, so its wording alone does not give the answer away (`evaluation.blind`).
 
 Every question names objects unambiguously: by "colour shape" (unique in a scene) or by grid
 cell (one object per cell), never by shape alone unless that shape occurs once.
