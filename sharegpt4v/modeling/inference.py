@@ -53,13 +53,19 @@ class _RowStreamer(BaseStreamer):
             text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
                 continue
-            text = text.lstrip()
-            if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
-                self.on_text(self.rows[row], text[len(self.sent[row]) :])
-                self.sent[row] = text
+            self._send(row, text)
 
     def end(self) -> None:
-        pass
+        """Flush what was held back: an answer cut inside a character (the token limit) ends with
+        U+FFFD, as the whole answer does, so the pieces add up to it."""
+        for row, tokens in enumerate(self.tokens):
+            self._send(row, self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def _send(self, row: int, text: str) -> None:
+        text = text.lstrip()
+        if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
+            self.on_text(self.rows[row], text[len(self.sent[row]) :])
+            self.sent[row] = text
 
 
 @dataclass

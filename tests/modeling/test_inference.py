@@ -101,3 +101,21 @@ def test_engine_checks_the_model_against_the_config() -> None:
     wrong = type(cfg)(vision=type(cfg.vision)(image_size=64, patch_size=8), image_tokens=64)
     with pytest.raises(ValueError, match="image_tokens"):
         InferenceEngine(model, processor, wrong, recipe().captioning)
+
+
+def test_streamed_text_waits_for_whole_characters_and_flushes_a_cut_one_at_the_end() -> None:
+    from sharegpt4v.modeling.inference import _RowStreamer
+    from tests.modeling.fixtures import tokenizer
+
+    tok = tokenizer()
+    ids = tok("red é", add_special_tokens=False)["input_ids"]  # "é" is two byte tokens here
+    assert tok.decode(ids[:-1]).endswith("\ufffd")
+    for cut, whole in ((len(ids), "red é"), (len(ids) - 1, tok.decode(ids[:-1]).strip())):
+        pieces: list[str] = []
+        streamer = _RowStreamer(tok, [0], eos_id=-1, on_text=lambda row, text: pieces.append(text))
+        streamer.put(torch.tensor([[1]]))  # the prompt
+        for token in ids[:cut]:
+            streamer.put(torch.tensor([[token]]))
+        assert "\ufffd" not in "".join(pieces)  # half a character is never sent mid-stream
+        streamer.end()
+        assert "".join(pieces) == whole  # what the whole answer says, cut character included
