@@ -393,8 +393,10 @@ def serve_forever(
     """Run the synthetic teacher in the foreground until interrupted (for a CLI)."""
     sim = TeacherSim(world_uri=world_uri, faults=faults, seed=seed, api_key=api_key, host=host, port=port)
     url = sim.start()
-    print(f"synthetic teacher serving {len(sim.captions)} images at {url}", flush=True)
     try:
+        # Announced inside the try: a stop signal can land while the line is being flushed (a caller that
+        # waits for it may stop the server at once), and must still end in a clean stop.
+        print(f"synthetic teacher serving {len(sim.captions)} images at {url}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -156,8 +156,8 @@ def _serve_until_interrupted(start: Any, name: str, banner: Any) -> int:
         print("sharegpt4v: stopped before the server was ready", file=sys.stderr)
         return 130
     with server:
-        print(f"{banner(server)}; log: {server.log}; Ctrl-C stops it", flush=True)
-        try:
+        try:  # the banner inside: a stop signal can land while it is flushed (see teacher_sim.serve_forever)
+            print(f"{banner(server)}; log: {server.log}; Ctrl-C stops it", flush=True)
             while server.process.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
