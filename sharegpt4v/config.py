@@ -239,6 +239,9 @@ class StageConfig:
     global_batch_size: int = 32
     micro_batch_size: int = 32
     learning_rate: float = 1e-3
+    # The language model's own rate (None: `learning_rate` for every part). ShareGPT4V pretrains the LLM at
+    # its SFT rate (2e-5) from a projector LLaVA-1.5 aligned at 1e-3.
+    llm_learning_rate: float | None = None
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -264,6 +267,9 @@ class StageConfig:
     # blue.") or "before" it ("it is blue, so no.": the comparison left in plain text). A probe of where
     # yes/no fails (README, "Where yes/no fails"); "none" in every profile.
     yes_no_reasons: Literal["none", "after", "before"] = "none"
+    # Which kinds of world VQA items the stage trains on (short answers, yes/no, multiple choice); the
+    # others are left out of the `vqa` pool.
+    vqa_kinds: tuple[Literal["short", "yesno", "mc"], ...] = ("short", "yesno", "mc")
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
@@ -271,6 +277,8 @@ class StageConfig:
             raise ValueError("global_batch_size: batch sizes must be >= 1")
         if not 0 < self.learning_rate < 1:
             raise ValueError("learning_rate: must be within (0, 1)")
+        if self.llm_learning_rate is not None and not 0 < self.llm_learning_rate < 1:
+            raise ValueError("llm_learning_rate: must be within (0, 1), or null for learning_rate")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("warmup_ratio: must be within [0, 1)")
         if self.epochs <= 0 or (self.max_steps is not None and self.max_steps < 1):
@@ -283,6 +291,8 @@ class StageConfig:
             raise ValueError("mix: weights >= 0 for vqa, captions and conversations")
         if self.log_every_steps < 1:
             raise ValueError("log_every_steps: must be >= 1")
+        if not self.vqa_kinds:
+            raise ValueError("vqa_kinds: name at least one of short, yesno, mc")
         if self.keep_checkpoints < 0 or (self.max_samples is not None and self.max_samples < 1):
             raise ValueError("keep_checkpoints: must be >= 0 (and max_samples >= 1 when set)")
         return self

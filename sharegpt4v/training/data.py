@@ -246,6 +246,10 @@ def _texts(meta: dict[str, Any]) -> list[str]:
     return texts
 
 
+# a world item's kind as `StageConfig.vqa_kinds` names it (ingested items without one are short answers)
+_VQA_KIND_NAMES = {"yesno": "yesno", "mc": "mc", "choice": "mc"}
+
+
 def _index_sample(shard: int, ordinal: int, sid: str, meta: dict[str, Any], stage: Any, captions: dict[str, str] | None,
                   want: set[int], pools: dict[int, list[tuple[int, int, int, int]]], counts: Counter) -> None:
     if CAPTIONS in want:
@@ -260,10 +264,12 @@ def _index_sample(shard: int, ordinal: int, sid: str, meta: dict[str, Any], stag
             counts[f"skipped.no_{stage.caption_field}"] += 1
     if VQA in want:
         for j, item in enumerate(meta.get("vqa") or []):
-            if valid_vqa(item):
+            if not valid_vqa(item):
+                counts["skipped.malformed_vqa"] += 1
+            elif _VQA_KIND_NAMES.get(item.get("kind"), "short") in stage.vqa_kinds:
                 pools[VQA].append((shard, ordinal, VQA, j))
             else:
-                counts["skipped.malformed_vqa"] += 1
+                counts["left_out.vqa_kind"] += 1
     if CONVERSATIONS in want and meta.get("conversations") is not None:
         conversation = normalise_conversation(meta["conversations"])
         if conversation is None or (stage.template == "plain" and len(conversation) != 2):

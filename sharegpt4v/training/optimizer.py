@@ -31,13 +31,19 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+LLM_PREFIXES = ("model.language_model.", "lm_head.")  # the language model's parameters in HF's LLaVA
+
+
 def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], stage: "StageConfig") -> torch.optim.AdamW:
-    """torch's AdamW (not DeepSpeed's compiled one); no weight decay on biases and norms."""
-    decay = [p for _, p in named if p.ndim >= 2]
-    no_decay = [p for _, p in named if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": stage.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=stage.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    """torch's AdamW (not DeepSpeed's compiled one); no weight decay on biases and norms; the language
+    model at `stage.llm_learning_rate` when set (the vision side at `learning_rate`)."""
+    llm_lr = stage.learning_rate if stage.llm_learning_rate is None else stage.llm_learning_rate
+    groups = []
+    for llm, lr in ((False, stage.learning_rate), (True, llm_lr)):
+        part = [(n, p) for n, p in named if n.startswith(LLM_PREFIXES) == llm]
+        groups += [{"params": [p for _, p in part if p.ndim >= 2], "weight_decay": stage.weight_decay, "lr": lr},
+                   {"params": [p for _, p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, stage: "StageConfig", total: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -167,6 +167,20 @@ def test_yes_no_reasons_answer_with_the_deciding_fact(world: str, where: str) ->
     assert vqa_conversation({"kind": "yesno", "question": "Is it red?", "answer": "yes"}, reasons=where)[1]["value"] == "yes"
 
 
+def test_vqa_kinds_choose_which_questions_train(world: str) -> None:
+    meta = world_meta(world)
+    stage = recipe("sft.vqa_kinds=[yesno]").sft
+    index = build_index("sft", stage, StageInputs([world]))
+    every = build_index("sft", recipe().sft, StageInputs([world]))
+    yes_no = sum(1 for m in meta.values() for i in m["vqa"] if i["kind"] == "yesno")
+    assert index.counts["examples.vqa"] == yes_no
+    assert index.counts["left_out.vqa_kind"] == every.counts["examples.vqa"] - yes_no > 0
+    for ex in take(index, stage, 40):
+        assert next(i for i in meta[ex.id.rpartition("-q")[0]]["vqa"] if i["qid"] == ex.id)["kind"] == "yesno"
+    with pytest.raises(ValueError, match="vqa_kinds"):
+        recipe("sft.vqa_kinds=[]")
+
+
 def test_sft_mix_weights_are_respected(world: str, llava_json: str) -> None:
     r = recipe("sft.mix={vqa: 3, captions: 1, conversations: 1}")
     index = build_index("sft", r.sft, StageInputs([world, llava_json]))

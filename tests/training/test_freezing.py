@@ -82,3 +82,33 @@ def test_nothing_trainable_is_refused() -> None:
     with pytest.raises(ValueError, match="nothing to train"):
         apply_freezing(model, frozen)
     assert torch.is_grad_enabled()
+
+
+def test_the_language_model_can_learn_at_its_own_rate() -> None:
+    """`llm_learning_rate`: the LLM (and lm_head) step at their rate, the projector and ViT at the stage's."""
+    from sharegpt4v.training.optimizer import make_optimizer
+
+    def moved(overrides: list[str]) -> dict[str, float]:
+        torch.manual_seed(0)
+        stage = load_recipe("tiny", ["pretrain.learning_rate=1e-2", "pretrain.vit_unfreeze_from=0", *overrides]).pretrain
+        model, processor = tiny_model()
+        named = [(n, p) for n, p in model.named_parameters() if n in set(apply_freezing(model, stage))]
+        before = {n: p.detach().clone() for n, p in named}
+        tok = processor.tokenizer
+        ex = RawExample("x", caption_conversation("a red square at the top"), png((48, 32), (200, 20, 20)), Position())
+        batch = encode_examples([ex, ex], tok, "plain", 64, IMAGE_TOKENS, IMAGE_SIZE, "crop", tok.pad_token_id)
+        optimizer = make_optimizer(named, stage)
+        model(**batch.model_inputs()).loss.backward()
+        optimizer.step()
+        out: dict[str, float] = {}
+        for n, p in named:
+            group = _groups([n]).pop().split(".")[0]
+            out[group] = max(out.get(group, 0.0), float((p.detach() - before[n]).abs().max()))
+        return out
+
+    same = moved([])
+    assert min(same.values()) > 1e-3  # Adam's first step moves every part by about the rate
+    slow = moved(["pretrain.llm_learning_rate=1e-6"])
+    assert slow["llm"] < 1e-5 and slow["projector"] > 1e-3 and slow["vit"] > 1e-3
+    with pytest.raises(ValueError, match="llm_learning_rate"):
+        load_recipe("tiny", ["pretrain.llm_learning_rate=2"])
