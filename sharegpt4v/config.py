@@ -267,9 +267,10 @@ class StageConfig:
     # blue.") or "before" it ("it is blue, so no.": the comparison left in plain text). A probe of where
     # yes/no fails (README, "Where yes/no fails"); "none" in every profile.
     yes_no_reasons: Literal["none", "after", "before"] = "none"
-    # Which kinds of world VQA items the stage trains on (short answers, yes/no, multiple choice); the
-    # others are left out of the `vqa` pool.
-    vqa_kinds: tuple[Literal["short", "yesno", "mc"], ...] = ("short", "yesno", "mc")
+    # How many times each world VQA item of a kind (short answers, yes/no, multiple choice) enters the
+    # `vqa` pool per pass: 0 leaves the kind out, 2 trains its items twice as often; a kind not named: 1.
+    vqa_repeats: dict[Literal["short", "yesno", "mc"], int] = dataclasses.field(
+        default_factory=lambda: {"short": 1, "yesno": 1, "mc": 1})
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
@@ -291,8 +292,9 @@ class StageConfig:
             raise ValueError("mix: weights >= 0 for vqa, captions and conversations")
         if self.log_every_steps < 1:
             raise ValueError("log_every_steps: must be >= 1")
-        if not self.vqa_kinds:
-            raise ValueError("vqa_kinds: name at least one of short, yesno, mc")
+        repeats = {"short": 1, "yesno": 1, "mc": 1, **self.vqa_repeats}  # a kind not named: 1
+        if any(n < 0 for n in repeats.values()) or not any(repeats.values()):
+            raise ValueError("vqa_repeats: counts >= 0 for short, yesno and mc, at least one of them > 0")
         if self.keep_checkpoints < 0 or (self.max_samples is not None and self.max_samples < 1):
             raise ValueError("keep_checkpoints: must be >= 0 (and max_samples >= 1 when set)")
         return self

@@ -246,7 +246,7 @@ def _texts(meta: dict[str, Any]) -> list[str]:
     return texts
 
 
-# a world item's kind as `StageConfig.vqa_kinds` names it (ingested items without one are short answers)
+# a world item's kind as `StageConfig.vqa_repeats` names it (ingested items without one are short answers)
 _VQA_KIND_NAMES = {"yesno": "yesno", "mc": "mc", "choice": "mc"}
 
 
@@ -266,10 +266,10 @@ def _index_sample(shard: int, ordinal: int, sid: str, meta: dict[str, Any], stag
         for j, item in enumerate(meta.get("vqa") or []):
             if not valid_vqa(item):
                 counts["skipped.malformed_vqa"] += 1
-            elif _VQA_KIND_NAMES.get(item.get("kind"), "short") in stage.vqa_kinds:
-                pools[VQA].append((shard, ordinal, VQA, j))
             else:
-                counts["left_out.vqa_kind"] += 1
+                repeats = stage.vqa_repeats.get(_VQA_KIND_NAMES.get(item.get("kind"), "short"), 1)
+                pools[VQA].extend([(shard, ordinal, VQA, j)] * repeats)
+                counts["left_out.vqa_kind"] += repeats == 0
     if CONVERSATIONS in want and meta.get("conversations") is not None:
         conversation = normalise_conversation(meta["conversations"])
         if conversation is None or (stage.template == "plain" and len(conversation) != 2):

@@ -167,18 +167,23 @@ def test_yes_no_reasons_answer_with_the_deciding_fact(world: str, where: str) ->
     assert vqa_conversation({"kind": "yesno", "question": "Is it red?", "answer": "yes"}, reasons=where)[1]["value"] == "yes"
 
 
-def test_vqa_kinds_choose_which_questions_train(world: str) -> None:
+def test_vqa_repeats_choose_how_often_each_question_kind_trains(world: str) -> None:
     meta = world_meta(world)
-    stage = recipe("sft.vqa_kinds=[yesno]").sft
-    index = build_index("sft", stage, StageInputs([world]))
     every = build_index("sft", recipe().sft, StageInputs([world]))
     yes_no = sum(1 for m in meta.values() for i in m["vqa"] if i["kind"] == "yesno")
+    only = recipe("sft.vqa_repeats={yesno: 1, short: 0, mc: 0}").sft
+    index = build_index("sft", only, StageInputs([world]))
     assert index.counts["examples.vqa"] == yes_no
     assert index.counts["left_out.vqa_kind"] == every.counts["examples.vqa"] - yes_no > 0
-    for ex in take(index, stage, 40):
+    for ex in take(index, only, 40):
         assert next(i for i in meta[ex.id.rpartition("-q")[0]]["vqa"] if i["qid"] == ex.id)["kind"] == "yesno"
-    with pytest.raises(ValueError, match="vqa_kinds"):
-        recipe("sft.vqa_kinds=[]")
+    twice = build_index("sft", recipe("sft.vqa_repeats.yesno=2").sft, StageInputs([world]))
+    assert twice.counts["examples.vqa"] == every.counts["examples.vqa"] + yes_no
+    assert Counter(twice.examples) == Counter(every.examples) + Counter(e for e in index.examples)
+    with pytest.raises(ValueError, match="vqa_repeats"):
+        recipe("sft.vqa_repeats={yesno: 0, short: 0, mc: 0}")
+    with pytest.raises(ValueError, match="vqa_repeats"):
+        recipe("sft.vqa_repeats.mc=-1")
 
 
 def test_sft_mix_weights_are_respected(world: str, llava_json: str) -> None:
