@@ -179,7 +179,7 @@ def test_vqa_repeats_choose_how_often_each_question_kind_trains(world: str) -> N
         assert next(i for i in meta[ex.id.rpartition("-q")[0]]["vqa"] if i["qid"] == ex.id)["kind"] == "yesno"
     twice = build_index("sft", recipe("sft.vqa_repeats.yesno=2").sft, StageInputs([world]))
     assert twice.counts["examples.vqa"] == every.counts["examples.vqa"] + yes_no
-    assert Counter(twice.examples) == Counter(every.examples) + Counter(e for e in index.examples)
+    assert Counter(twice.examples) == Counter(every.examples) + Counter(index.examples)
     with pytest.raises(ValueError, match="vqa_repeats"):
         recipe("sft.vqa_repeats={yesno: 0, short: 0, mc: 0}")
     with pytest.raises(ValueError, match="vqa_repeats"):
