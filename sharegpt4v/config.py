@@ -248,6 +248,10 @@ class StageConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # caps the epoch-derived step count (tiny runs)
     train_llm: bool = True
+    # With `train_llm`, whether the LLM's input embeddings train too: freezing them keeps the words' meanings
+    # the language model came with (README, "More yes/no in SFT": detailed-caption pretraining pulls the
+    # colour words together and the model then fails to compare them).
+    train_llm_embeddings: bool = True
     train_projector: bool = True
     vit_unfreeze_from: int | None = None  # first trainable ViT layer; None keeps the ViT frozen
     gradient_checkpointing: bool = False

@@ -1,4 +1,5 @@
-"""What a stage trains: `requires_grad` per the stage's `train_llm` / `train_projector` / `vit_unfreeze_from`."""
+"""What a stage trains: `requires_grad` per the stage's `train_llm` (`train_llm_embeddings`) / `train_projector` /
+`vit_unfreeze_from`."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def used_vision_layers(model: Any) -> int:
 def apply_freezing(model: Any, stage: "StageConfig") -> list[str]:
     """Set `requires_grad` per the stage; returns the trainable parameter names.
 
-    LLM (+ lm_head) if `train_llm`; projector if `train_projector`; ViT layers from
-    `vit_unfreeze_from` up to the last one that feeds the projector (with feature layer -2 the
+    LLM (+ lm_head) if `train_llm`, its input embeddings only if also `train_llm_embeddings`;
+    projector if `train_projector`; ViT layers from `vit_unfreeze_from` up to the last one that feeds the projector (with feature layer -2 the
     last layer never gets a gradient and stays frozen: DDP/DeepSpeed fail on unused parameters).
     Embeddings and norms of the ViT stay frozen.
     """
@@ -34,6 +35,8 @@ def apply_freezing(model: Any, stage: "StageConfig") -> list[str]:
     if stage.train_llm:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
+        if not stage.train_llm_embeddings:
+            model.model.language_model.embed_tokens.requires_grad_(False)
     if stage.train_projector:
         model.model.multi_modal_projector.requires_grad_(True)
     if stage.vit_unfreeze_from is not None:

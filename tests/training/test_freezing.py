@@ -84,6 +84,18 @@ def test_nothing_trainable_is_refused() -> None:
     assert torch.is_grad_enabled()
 
 
+def test_the_language_models_input_embeddings_can_stay_frozen() -> None:
+    model, _ = tiny_model()
+    names = apply_freezing(model, load_recipe("tiny", ["pretrain.train_llm_embeddings=false"]).pretrain)
+    embeddings = model.model.language_model.embed_tokens.weight
+    assert not embeddings.requires_grad and not any("embed_tokens" in n for n in names)
+    assert model.lm_head.weight.requires_grad and model.model.language_model.layers[0].self_attn.q_proj.weight.requires_grad
+    assert "projector" in _groups(names)
+    model, _ = tiny_model()
+    apply_freezing(model, load_recipe("tiny").pretrain)
+    assert model.model.language_model.embed_tokens.weight.requires_grad  # the default trains them
+
+
 def test_the_language_model_can_learn_at_its_own_rate() -> None:
     """`llm_learning_rate`: the LLM (and lm_head) step at their rate, the projector and ViT at the stage's."""
     from sharegpt4v.training.optimizer import make_optimizer
