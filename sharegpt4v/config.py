@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, ValidationError, model_validator
+from pydantic import ConfigDict, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -230,6 +230,9 @@ class ComputeConfig:
         return self
 
 
+VQA_KINDS = ("short", "yesno", "mc")  # the kinds of world questions (`StageConfig.vqa_repeats`)
+
+
 @dataclass(config=_STRICT_KEYS)
 class StageConfig:
     """One training stage (captioner, pretrain or sft)."""
@@ -274,7 +277,12 @@ class StageConfig:
     # How many times each world VQA item of a kind (short answers, yes/no, multiple choice) enters the
     # `vqa` pool per pass: 0 leaves the kind out, 2 trains its items twice as often; a kind not named: 1.
     vqa_repeats: dict[Literal["short", "yesno", "mc"], int] = dataclasses.field(
-        default_factory=lambda: {"short": 1, "yesno": 1, "mc": 1})
+        default_factory=lambda: dict.fromkeys(VQA_KINDS, 1))
+
+    @field_validator("vqa_repeats")
+    @classmethod
+    def _every_vqa_kind(cls, repeats: dict[str, int]) -> dict[str, int]:
+        return {**dict.fromkeys(VQA_KINDS, 1), **repeats}  # a kind not named: 1
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
@@ -296,8 +304,7 @@ class StageConfig:
             raise ValueError("mix: weights >= 0 for vqa, captions and conversations")
         if self.log_every_steps < 1:
             raise ValueError("log_every_steps: must be >= 1")
-        repeats = {"short": 1, "yesno": 1, "mc": 1, **self.vqa_repeats}  # a kind not named: 1
-        if any(n < 0 for n in repeats.values()) or not any(repeats.values()):
+        if any(n < 0 for n in self.vqa_repeats.values()) or not any(self.vqa_repeats.values()):
             raise ValueError("vqa_repeats: counts >= 0 for short, yesno and mc, at least one of them > 0")
         if self.keep_checkpoints < 0 or (self.max_samples is not None and self.max_samples < 1):
             raise ValueError("keep_checkpoints: must be >= 0 (and max_samples >= 1 when set)")

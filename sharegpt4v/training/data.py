@@ -267,7 +267,7 @@ def _index_sample(shard: int, ordinal: int, sid: str, meta: dict[str, Any], stag
             if not valid_vqa(item):
                 counts["skipped.malformed_vqa"] += 1
             else:
-                repeats = stage.vqa_repeats.get(_VQA_KIND_NAMES.get(item.get("kind"), "short"), 1)
+                repeats = stage.vqa_repeats[_VQA_KIND_NAMES.get(item.get("kind"), "short")]
                 pools[VQA].extend([(shard, ordinal, VQA, j)] * repeats)
                 counts["left_out.vqa_kind"] += repeats == 0
     if CONVERSATIONS in want and meta.get("conversations") is not None:

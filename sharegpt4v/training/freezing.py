@@ -9,6 +9,9 @@ if TYPE_CHECKING:
     from sharegpt4v.config import StageConfig
 
 
+LLM_PREFIXES = ("model.language_model.", "lm_head.")  # the language model's parameter names in HF's LLaVA
+
+
 def vision_layers(model: Any) -> Any:
     tower = model.model.vision_tower
     encoder = tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder
@@ -36,7 +39,7 @@ def apply_freezing(model: Any, stage: "StageConfig") -> list[str]:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
         if not stage.train_llm_embeddings:
-            model.model.language_model.embed_tokens.requires_grad_(False)
+            model.get_input_embeddings().requires_grad_(False)
     if stage.train_projector:
         model.model.multi_modal_projector.requires_grad_(True)
     if stage.vit_unfreeze_from is not None:

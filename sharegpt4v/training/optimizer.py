@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sharegpt4v.training.freezing import LLM_PREFIXES
+
 if TYPE_CHECKING:
     from sharegpt4v.config import StageConfig
 
@@ -29,9 +31,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-LLM_PREFIXES = ("model.language_model.", "lm_head.")  # the language model's parameters in HF's LLaVA
 
 
 def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], stage: "StageConfig") -> torch.optim.AdamW:
